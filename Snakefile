@@ -1,0 +1,20 @@
+# mambapath: a table of contents. Logic lives in rules/common.smk and in the package.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/synth.smk"
+include: "rules/segment.smk"
+include: "rules/tile.smk"
+include: "rules/features.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True
