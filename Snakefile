@@ -9,9 +9,14 @@ configfile: "config/config.yaml"
 
 include: "rules/common.smk"
 include: "rules/synth.smk"
+include: "rules/download.smk"
 include: "rules/segment.smk"
 include: "rules/tile.smk"
 include: "rules/features.smk"
+include: "rules/splits.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 rule all:
