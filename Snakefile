@@ -8,6 +8,16 @@ configfile: "config/config.yaml"
 
 
 include: "rules/common.smk"
+
+
+# Ids become file names and shell words: only these characters (the sheet schema enforces it too).
+wildcard_constraints:
+    slide=r"[A-Za-z0-9._-]+",
+    task=r"[A-Za-z0-9_]+",
+    method=r"[A-Za-z0-9._@-]+",
+    fold=r"\d+",
+
+
 include: "rules/synth.smk"
 include: "rules/download.smk"
 include: "rules/segment.smk"
@@ -16,6 +26,7 @@ include: "rules/features.smk"
 include: "rules/splits.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/ablation.smk"
 include: "rules/report.smk"
 
 

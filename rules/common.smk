@@ -1,4 +1,6 @@
 # Config and sheet validation, paths and input functions shared by every rule.
+import os
+
 import pandas as pd
 
 from mambapath.config import load_cohort, tile_tag, validate_config, validate_sheet
@@ -10,13 +12,6 @@ RESULTS = f"{config['results']}/{COHORT.name}"
 TILE_TAG = tile_tag(config["tiling"])
 EXTRACTOR = config["features"]["extractor"]
 CONFIG_FILES = [str(p) for p in workflow.configfiles]
-
-
-wildcard_constraints:
-    slide=r"[A-Za-z0-9._-]+",
-    task=r"[A-Za-z0-9_]+",
-    method=r"[A-Za-z0-9._-]+",
-    fold=r"\d+",
 
 
 def cohort_sheet_path():
@@ -41,12 +36,26 @@ def slide_ids():
 SLIDES = slide_ids()
 
 
+def downloaded_slides_dir():
+    """Where the download rule writes the slides of a gdc cohort (cohort slides_dir, else under results)."""
+    return str(COHORT.slides_dir) if COHORT.slides_dir else f"{RESULTS}/slides_raw"
+
+
 def slide_path(wildcards):
-    """Path of one slide file (synthetic slides are written by the synth rule)."""
+    """Path of one slide file (synthetic slides are written by the synth rule, gdc ones by download).
+
+    A relative sheet path is taken inside the cohort's slides_dir when it has one, so a folder
+    of slides named by their GDC file names works with the shipped tcga_* tables.
+    """
     if COHORT.source == "synth":
         return f"{RESULTS}/slides/{wildcards.slide}.tiff"
+    if COHORT.source == "gdc":
+        return f"{downloaded_slides_dir()}/{wildcards.slide}.svs"
     sheet = pd.read_csv(COHORT.sheet, dtype={"slide_id": str, "patient_id": str}).set_index("slide_id")
-    return sheet.loc[wildcards.slide, "path"]
+    path = sheet.loc[wildcards.slide, "path"]
+    if COHORT.slides_dir and not os.path.isabs(path):
+        return str(COHORT.slides_dir / path)
+    return path
 
 
 def features_files():
@@ -54,5 +63,5 @@ def features_files():
 
 
 def final_outputs():
-    """What `rule all` asks for; grows with the pipeline's stages."""
-    return features_files()
+    """What `rule all` asks for; grows with the pipeline's stages (REPORT_OUTPUTS: rules/report.smk)."""
+    return features_files() + REPORT_OUTPUTS

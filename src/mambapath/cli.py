@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("mambapath.segment", "segment tissue: mask, GeoJSON contours, QC overlay, summary"),
     "tile": ("mambapath.tiling", "tile the tissue at a target mpp/magnification into an HDF5 coords file"),
     "extract": ("mambapath.features.extract", "extract tile features into an HDF5 features file"),
+    "pixels": ("mambapath.pixel_data", "read a slide at a low magnification into an image for pixel models"),
     "split": ("mambapath.splits", "patient-level stratified k-fold splits; import and check papers' splits"),
     "train": ("mambapath.train", "train one method on one task and fold"),
     "evaluate": ("mambapath.evaluate", "metrics per fold and across folds"),

@@ -1,0 +1,515 @@
+"""2D selective scan in Triton: tiled forward and backward kernels and their autograd Function.
+
+The maths (carries, adjoint recurrences, why four kernels) is in README.md beside this file;
+the kernels keep shape comments only. Notation: grid (H, W), states padded to NP, dt =
+softplus(delta + delta_bias) recomputed wherever it is needed, a = exp(dt * A).
+
+Launch order
+    forward:  _row_carry_kernel  (g at every CW-column boundary, a 1D problem per row)
+              _fwd_kernel        (one program per column stripe and channel block, row by row)
+    backward: _col_carry_kernel  (adjoint flowing up into every CH-row boundary, 1D per column)
+              _bwd_kernel        (one program per row stripe and state block, tiles right to left)
+
+Triton fixes compiled or interpreted mode when it defines a kernel; the package loads this file
+on the first call of the Triton backend, once per mode (see __init__.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes (powers of two). CW, CH: the backward tile, which is also the granularity of the
+    row carries (every CW columns) and of the column checkpoints (every CH rows). The forward
+    walks down stripes of fwd_cols columns (a multiple of CW), fwd_channels channels at a time so
+    that B and C are loaded once for all of them. The backward splits the N states into blocks
+    of bwd_states, one program each (their sums over states are then added atomically).
+
+    The defaults are the best forward and backward candidates of
+    ``benchmarks/bench_selective_scan_2d.py --tune`` on an H100 (grids 128x128 with 128 channels
+    and 256x256 with 512, N = 16): one channel per forward program and all 16 states in one
+    backward program; blocks of channels or states were slower there."""
+
+    CW: int = 16
+    CH: int = 16
+    fwd_cols: int = 32
+    fwd_channels: int = 1
+    fwd_warps: int = 1
+    carry_channels: int = 4  # channels per program of the row-carry kernel (one row each)
+    carry_cols: int = 16  # columns per program of the column-carry kernel
+    carry_warps: int = 2
+    bwd_states: int = 16
+    bwd_warps: int = 8
+
+    def check(self) -> None:
+        for name in ("CW", "CH", "fwd_cols", "fwd_channels", "carry_channels", "carry_cols", "bwd_states"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"TileConfig.{name}={value} must be a power of two")
+        if self.fwd_cols % self.CW:
+            raise ValueError(f"TileConfig: fwd_cols ({self.fwd_cols}) must be a multiple of CW ({self.CW})")
+
+
+DEFAULT_CONFIG = TileConfig()
+
+
+@triton.jit
+def _affine_combine(a1, x1, a2, x2):
+    # (a1, x1) then (a2, x2): s -> a2 * (a1 * s + x1) + x2
+    return a1 * a2, a2 * x1 + x2
+
+
+@triton.jit
+def _softplus(v):
+    # log1p(exp(v)) without log1p: log(w) * e / (w - 1) with w = 1 + e is exact to rounding
+    # (Goldberg); v > 20 returns v as torch.nn.functional.softplus does.
+    e = tl.exp(tl.minimum(v, 20.0))
+    w = 1.0 + e
+    small = w == 1.0
+    lp = tl.where(small, e, tl.log(w) * e / tl.where(small, 1.0, w - 1.0))
+    return tl.where(v > 20.0, v, lp)
+
+
+@triton.jit
+def _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+             COMPUTE: tl.constexpr):
+    """dt = softplus(delta + bias) at offs, 0 where mask is False; also returns delta + bias."""
+    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_BIAS:
+        raw = raw + bias
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _row_carry_kernel(
+    delta_ptr, bias_ptr, u_ptr, B_ptr, A_ptr, carry_ptr,
+    H, W, DIM, N, N_CW,
+    DB: tl.constexpr, CW: tl.constexpr, NP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """carry[b, d, c, i, :] = g[i, (c + 1) * CW - 1, :] for c < N_CW - 1 (the row pass at chunk ends).
+    One program per (row i, block of DB channels, batch), chunks left to right."""
+    i = tl.program_id(0)
+    chans = tl.program_id(1) * DB + tl.arange(0, DB)  # (DB,)
+    b = tl.program_id(2).to(tl.int64)
+    cols = tl.arange(0, CW)
+    states = tl.arange(0, NP)
+    m_chan = chans < DIM
+    m_state = states < N
+    A = tl.load(A_ptr + chans[:, None] * N + states[None, :], mask=m_chan[:, None] & m_state[None, :],
+                other=0.0).to(COMPUTE)  # (DB, NP)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + chans, mask=m_chan, other=0.0).to(COMPUTE)[:, None]  # (DB, 1)
+    base = ((b * DIM + chans) * H + i) * W  # (DB,)
+    base_B = (b * N * H + i) * W
+    base_carry = (b * DIM + chans) * (N_CW - 1) * H * NP + i * NP  # (DB,)
+    carry = tl.zeros((DB, NP), dtype=COMPUTE)
+    for c in range(0, N_CW - 1):
+        j = c * CW + cols  # (CW,)
+        m2 = m_chan[:, None] & (j < W)[None, :]  # (DB, CW)
+        offs = base[:, None] + j[None, :]
+        dt, _ = _load_dt(delta_ptr, offs, m2, bias, HAS_BIAS, SOFTPLUS, COMPUTE)
+        u = tl.load(u_ptr + offs, mask=m2, other=0.0).to(COMPUTE)
+        Bv = tl.load(B_ptr + base_B + states[None, :] * H * W + j[:, None],
+                     mask=(j < W)[:, None] & m_state[None, :], other=0.0).to(COMPUTE)  # (CW, NP)
+        cum = tl.cumsum(dt, axis=1)  # (DB, CW)
+        total = tl.sum(dt, axis=1)  # (DB,)
+        # g at the chunk end = sum_j exp(A * sum_{k>j} dt_k) x_j + exp(A * total) * carry
+        weight = tl.exp((total[:, None] - cum)[:, :, None] * A[:, None, :])  # (DB, CW, NP)
+        end = tl.sum(weight * (dt * u)[:, :, None] * Bv[None, :, :], axis=1)  # (DB, NP)
+        carry = tl.exp(total[:, None] * A) * carry + end
+        tl.store(carry_ptr + base_carry[:, None] + c * H * NP + states[None, :], carry, mask=m_chan[:, None])
+
+
+@triton.jit
+def _fwd_kernel(
+    delta_ptr, bias_ptr, u_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, carry_ptr, ckpt_ptr, y_ptr,
+    H, W, DIM, N, N_CW, N_CH,
+    DB: tl.constexpr, TW: tl.constexpr, CW: tl.constexpr, CH: tl.constexpr, NP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
+    STORE_CKPT: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """One program per (column stripe of TW, block of DB channels, batch), one row at a time top
+    to bottom: the row pass is a scan along the stripe, the column pass an update of the state
+    held in registers. B and C are loaded once per row for all DB channels."""
+    pid_c = tl.program_id(0)
+    chans = tl.program_id(1) * DB + tl.arange(0, DB)  # (DB,)
+    b = tl.program_id(2).to(tl.int64)
+    tj = tl.arange(0, TW)
+    cols = pid_c * TW + tj  # (TW,)
+    states = tl.arange(0, NP)
+    m_chan = chans < DIM
+    m_col = cols < W
+    m_state = states < N
+    A = tl.load(A_ptr + chans[:, None] * N + states[None, :], mask=m_chan[:, None] & m_state[None, :],
+                other=0.0).to(COMPUTE)  # (DB, NP)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + chans, mask=m_chan, other=0.0).to(COMPUTE)[:, None]  # (DB, 1)
+    skip = 0.0
+    if HAS_D:
+        skip = tl.load(D_ptr + chans, mask=m_chan, other=0.0).to(COMPUTE)[:, None]
+    base = (b * DIM + chans) * H * W  # (DB,)
+    base_B = b * N * H * W
+    # g at column pid_c * TW - 1 sits in carry slot pid_c * TW / CW - 1
+    base_carry = (b * DIM + chans) * (N_CW - 1) * H * NP + (pid_c * (TW // CW) - 1) * H * NP  # (DB,)
+    base_ckpt = (b * DIM + chans) * (N_CH - 1) * W * NP  # (DB,)
+    m2 = m_chan[:, None] & m_col[None, :]  # (DB, TW)
+    m_bc = m_col[:, None] & m_state[None, :]  # (TW, NP)
+    m_left = m_chan[:, None] & ((states * 0 + pid_c) > 0)[None, :]  # (DB, NP)
+    first_col = (tj == 0)[None, :, None]
+    h = tl.zeros((DB, TW, NP), dtype=COMPUTE)  # the column pass's state, row above
+    for i in range(0, H):
+        offs = base[:, None] + i * W + cols[None, :]  # (DB, TW)
+        offs_bc = base_B + states[None, :] * H * W + i * W + cols[:, None]  # (TW, NP)
+        dt, _ = _load_dt(delta_ptr, offs, m2, bias, HAS_BIAS, SOFTPLUS, COMPUTE)
+        u = tl.load(u_ptr + offs, mask=m2, other=0.0).to(COMPUTE)
+        Bv = tl.load(B_ptr + offs_bc, mask=m_bc, other=0.0).to(COMPUTE)
+        a = tl.exp(dt[:, :, None] * A[:, None, :])  # (DB, TW, NP)
+        x = (dt * u)[:, :, None] * Bv[None, :, :]
+        g_left = tl.load(carry_ptr + base_carry[:, None] + i * NP + states[None, :], mask=m_left,
+                         other=0.0)  # (DB, NP)
+        x = x + tl.where(first_col, a * g_left[:, None, :], 0.0)
+        _, g = tl.associative_scan((a, x), 1, _affine_combine)  # pass 1 along the row
+        if STORE_CKPT:
+            # h above every CH-th row, read back by the backward kernel
+            at_stripe = (((cols * 0 + i) % CH) == 0) & ((cols * 0 + i) > 0)  # (TW,)
+            tl.store(ckpt_ptr + base_ckpt[:, None, None] + (i // CH - 1) * W * NP + cols[None, :, None] * NP
+                     + states[None, None, :], h, mask=(m2 & at_stripe[None, :])[:, :, None])
+        h = a * h + g  # pass 2 down the columns
+        Cv = tl.load(C_ptr + offs_bc, mask=m_bc, other=0.0).to(COMPUTE)
+        y = tl.sum(h * Cv[None, :, :], axis=2)  # (DB, TW)
+        if HAS_D:
+            y = y + skip * u
+        if HAS_Z:
+            zv = tl.load(z_ptr + offs, mask=m2, other=0.0).to(COMPUTE)
+            y = y * zv * tl.sigmoid(zv)
+        tl.store(y_ptr + offs, y, mask=m2)
+
+
+@triton.jit
+def _col_carry_kernel(
+    delta_ptr, bias_ptr, z_ptr, dout_ptr, C_ptr, A_ptr, carry_ptr,
+    H, W, DIM, N, N_CH, N_NB,
+    CH: tl.constexpr, TW: tl.constexpr, NB: tl.constexpr, NP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """carry[b, d, s, j, :] = a[i0, j] * dh[i0, j] with i0 = (s + 1) * CH: the column adjoint that
+    flows up out of stripe s + 1 into stripe s, for s < N_CH - 1. One program per (block of TW
+    columns, channel, batch and block of NB states), stripes bottom to top."""
+    pid_c = tl.program_id(0)
+    d = tl.program_id(1)
+    b = (tl.program_id(2) // N_NB).to(tl.int64)
+    states = (tl.program_id(2) % N_NB) * NB + tl.arange(0, NB)  # (NB,)
+    ti = tl.arange(0, CH)
+    cols = pid_c * TW + tl.arange(0, TW)  # (TW,)
+    m_col = cols < W
+    m_state = states < N
+    A = tl.load(A_ptr + d * N + states, mask=m_state, other=0.0).to(COMPUTE)  # (NB,)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d).to(COMPUTE)
+    base = (b * DIM + d) * H * W
+    base_B = b * N * H * W
+    base_carry = (b * DIM + d) * (N_CH - 1) * W * NP
+    carry = tl.zeros((TW, NB), dtype=COMPUTE)  # a * dh on the row below the stripe
+    for k in range(0, N_CH - 1):
+        s = N_CH - 1 - k
+        rows = s * CH + ti
+        m2 = (rows < H)[:, None] & m_col[None, :]  # (CH, TW)
+        offs = rows[:, None] * W + cols[None, :]
+        dt, _ = _load_dt(delta_ptr + base, offs, m2, bias, HAS_BIAS, SOFTPLUS, COMPUTE)
+        dy = tl.load(dout_ptr + base + offs, mask=m2, other=0.0).to(COMPUTE)
+        if HAS_Z:
+            zv = tl.load(z_ptr + base + offs, mask=m2, other=0.0).to(COMPUTE)
+            dy = dy * zv * tl.sigmoid(zv)
+        Cv = tl.load(C_ptr + base_B + states[None, None, :] * H * W + offs[:, :, None],
+                     mask=m2[:, :, None] & m_state[None, None, :], other=0.0).to(COMPUTE)  # (CH, TW, NB)
+        cum = tl.cumsum(dt, axis=0)  # (CH, TW): sum of dt from the stripe's top row
+        total = tl.sum(dt, axis=0)  # (TW,)
+        # a[i0] dh[i0] = sum_i exp(A * cum_i) C_i dy_i + exp(A * total) * carry
+        weight = tl.exp(cum[:, :, None] * A[None, None, :])
+        carry = tl.sum(weight * Cv * dy[:, :, None], axis=0) + tl.exp(total[:, None] * A[None, :]) * carry
+        tl.store(carry_ptr + base_carry + (s - 1) * W * NP + cols[:, None] * NP + states[None, :], carry,
+                 mask=m_col[:, None])
+
+
+@triton.jit
+def _bwd_kernel(
+    delta_ptr, bias_ptr, u_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, A_ptr, D_ptr,
+    row_carry_ptr, ckpt_ptr, col_carry_ptr,
+    ddelta_ptr, du_ptr, dz_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
+    H, W, DIM, N, N_CW, N_CH, N_NB,
+    CH: tl.constexpr, CW: tl.constexpr, NB: tl.constexpr, NP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
+    SPLIT: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """One program per (row stripe of CH, channel, batch and block of NB states); tiles of CW
+    columns right to left. Each tile recomputes g and h from the saved carries, then runs the
+    two adjoint scans. With several state blocks (SPLIT) the sums over states (ddelta, du, dz)
+    are accumulated atomically; the D terms come from the first block only."""
+    pid_s = tl.program_id(0)
+    d = tl.program_id(1)
+    b = (tl.program_id(2) // N_NB).to(tl.int64)
+    kb = tl.program_id(2) % N_NB
+    ti = tl.arange(0, CH)
+    tj = tl.arange(0, CW)
+    states = kb * NB + tl.arange(0, NB)  # (NB,)
+    m_state = states < N
+    rows = pid_s * CH + ti  # (CH,)
+    m_row = rows < H
+    m_row_dn = (rows + 1) < H
+    A = tl.load(A_ptr + d * N + states, mask=m_state, other=0.0).to(COMPUTE)  # (NB,)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d).to(COMPUTE)
+    first_block = (kb == 0).to(COMPUTE)  # the D terms belong to one block only
+    skip = 0.0
+    if HAS_D:
+        skip = tl.load(D_ptr + d).to(COMPUTE) * first_block
+    base = (b * DIM + d) * H * W
+    base_B = b * N * H * W
+    base_row_carry = (b * DIM + d) * (N_CW - 1) * H * NP
+    base_ckpt = (b * DIM + d) * (N_CH - 1) * W * NP + (pid_s - 1) * W * NP
+    base_col_carry = (b * DIM + d) * (N_CH - 1) * W * NP + pid_s * W * NP
+    first_col = (tj == 0)[None, :, None]
+    last_col = (tj == CW - 1)[None, :, None]
+    first_row = (ti == 0)[:, None, None]
+    last_row = (ti == CH - 1)[:, None, None]
+    m_top = (tj * 0 + pid_s) > 0  # (CW,)
+    m_bottom = (tj * 0 + pid_s) < N_CH - 1
+    dg_right = tl.zeros((CH, NB), dtype=COMPUTE)  # a * dg on the column right of the tile
+    dA_acc = tl.zeros((CH, CW, NB), dtype=COMPUTE)
+    dD_acc = tl.zeros((CH, CW), dtype=COMPUTE)
+    dbias_acc = tl.zeros((CH, CW), dtype=COMPUTE)
+    for k in range(0, N_CW):
+        c = N_CW - 1 - k
+        cols = c * CW + tj  # (CW,)
+        m_col = cols < W
+        m2 = m_row[:, None] & m_col[None, :]  # (CH, CW)
+        m3 = m2[:, :, None] & m_state[None, None, :]  # (CH, CW, NB)
+        offs = rows[:, None] * W + cols[None, :]
+        offs3 = states[None, None, :] * H * W + offs[:, :, None]
+        dt, raw = _load_dt(delta_ptr + base, offs, m2, bias, HAS_BIAS, SOFTPLUS, COMPUTE)
+        u = tl.load(u_ptr + base + offs, mask=m2, other=0.0).to(COMPUTE)
+        Bv = tl.load(B_ptr + base_B + offs3, mask=m3, other=0.0).to(COMPUTE)
+        Cv = tl.load(C_ptr + base_B + offs3, mask=m3, other=0.0).to(COMPUTE)
+        # forward states of the tile, recomputed from the carries on its left and top edges
+        a = tl.exp(dt[:, :, None] * A[None, None, :])  # (CH, CW, NB)
+        x = (dt * u)[:, :, None] * Bv
+        g_left = tl.load(row_carry_ptr + base_row_carry + (c - 1) * H * NP + rows[:, None] * NP + states[None, :],
+                         mask=m_row[:, None] & ((rows * 0 + c) > 0)[:, None], other=0.0)  # (CH, NB)
+        _, g = tl.associative_scan((a, x + tl.where(first_col, a * g_left[:, None, :], 0.0)), 1,
+                                   _affine_combine)
+        h_top = tl.load(ckpt_ptr + base_ckpt + cols[:, None] * NP + states[None, :],
+                        mask=(m_col & m_top)[:, None], other=0.0)  # (CW, NB)
+        _, h = tl.associative_scan((a, g + tl.where(first_row, a * h_top[None, :, :], 0.0)), 0,
+                                   _affine_combine)
+        dout = tl.load(dout_ptr + base + offs, mask=m2, other=0.0).to(COMPUTE)
+        dy = dout
+        if HAS_Z:
+            y = tl.sum(Cv * h, axis=2)  # this block's share of y (and D u in the first block)
+            if HAS_D:
+                y = y + skip * u
+            zv = tl.load(z_ptr + base + offs, mask=m2, other=0.0).to(COMPUTE)
+            sig = tl.sigmoid(zv)
+            dz = dout * y * sig * (1.0 + zv * (1.0 - sig))
+            if SPLIT:
+                tl.atomic_add(dz_ptr + base + offs, dz, mask=m2)
+            else:
+                tl.store(dz_ptr + base + offs, dz, mask=m2)
+            dy = dout * zv * sig
+        tl.atomic_add(dC_ptr + base_B + offs3, h * dy[:, :, None], mask=m3)
+        # column adjoint: dh[i] = C dy[i] + a[i+1] dh[i+1], bottom to top
+        dt_dn, _ = _load_dt(delta_ptr + base, offs + W, m_row_dn[:, None] & m_col[None, :], bias, HAS_BIAS,
+                            SOFTPLUS, COMPUTE)
+        a_dn = tl.exp(dt_dn[:, :, None] * A[None, None, :])
+        dh_below = tl.load(col_carry_ptr + base_col_carry + cols[:, None] * NP + states[None, :],
+                           mask=(m_col & m_bottom)[:, None], other=0.0)  # (CW, NB)
+        c_dy = Cv * dy[:, :, None] + tl.where(last_row, dh_below[None, :, :], 0.0)
+        _, dh = tl.associative_scan((a_dn, c_dy), 0, _affine_combine, reverse=True)
+        # row adjoint: dg[j] = dh[j] + a[j+1] dg[j+1], right to left
+        dt_rt, _ = _load_dt(delta_ptr + base, offs + 1, m_row[:, None] & ((cols + 1) < W)[None, :], bias,
+                            HAS_BIAS, SOFTPLUS, COMPUTE)
+        a_rt = tl.exp(dt_rt[:, :, None] * A[None, None, :])
+        _, dg = tl.associative_scan((a_rt, dh + tl.where(last_col, dg_right[:, None, :], 0.0)), 1,
+                                    _affine_combine, reverse=True)
+        dg_right = tl.sum(tl.where(first_col, a * dg, 0.0), axis=1)  # (CH, NB)
+        # a * g[j-1] = g - x and a * h[i-1] = h - g: the decay's two inputs without a shift
+        dlog_a = dg * (g - x) + dh * (h - g)  # d(out)/d(log a), (CH, CW, NB)
+        tl.atomic_add(dB_ptr + base_B + offs3, dg * (dt * u)[:, :, None], mask=m3)
+        ddt = tl.sum(dlog_a * A[None, None, :] + dg * Bv * u[:, :, None], axis=2)  # (CH, CW)
+        du = tl.sum(dg * Bv, axis=2) * dt
+        if HAS_D:
+            du = du + skip * dy
+            dD_acc += tl.where(m2, dy * u, 0.0) * first_block
+        dA_acc += dlog_a * dt[:, :, None]
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(raw)
+        ddt = tl.where(m2, ddt, 0.0)
+        dbias_acc += ddt
+        if SPLIT:
+            tl.atomic_add(ddelta_ptr + base + offs, ddt, mask=m2)
+            tl.atomic_add(du_ptr + base + offs, du, mask=m2)
+        else:
+            tl.store(ddelta_ptr + base + offs, ddt, mask=m2)
+            tl.store(du_ptr + base + offs, du, mask=m2)
+    tl.store(dA_part_ptr + ((b * N_CH + pid_s) * DIM + d) * NP + states, tl.sum(tl.sum(dA_acc, axis=1), axis=0))
+    part = ((b * N_CH + pid_s) * N_NB + kb) * DIM + d
+    tl.store(dD_part_ptr + part, tl.sum(tl.sum(dD_acc, axis=1), axis=0))
+    tl.store(dbias_part_ptr + part, tl.sum(tl.sum(dbias_acc, axis=1), axis=0))
+
+
+def _compute_dtype(u: torch.Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
+    if u.dim() != 4 or delta.shape != u.shape:
+        raise ValueError(f"selective_scan_2d: u and delta must be (batch, dim, H, W) of one shape, "
+                         f"got {tuple(u.shape)} and {tuple(delta.shape)}")
+    batch, dim, height, width = u.shape
+    n_state = A.shape[-1]
+    if A.shape != (dim, n_state) or B.shape != (batch, n_state, height, width) or C.shape != B.shape:
+        raise ValueError(f"selective_scan_2d: expected A (dim, N) = ({dim}, N) and B, C (batch, N, H, W) = "
+                         f"({batch}, N, {height}, {width}); got A {tuple(A.shape)}, B {tuple(B.shape)}, "
+                         f"C {tuple(C.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"selective_scan_2d: z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.shape != (dim,):
+            raise ValueError(f"selective_scan_2d: {name} must be (dim,) = ({dim},), got {tuple(t.shape)}")
+    devices = {t.device for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"selective_scan_2d: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _padded_states(n_state: int) -> int:
+    return max(triton.next_power_of_2(n_state), 2)
+
+
+def _launch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_ckpt, cfg):
+    batch, dim, height, width = u.shape
+    n_state = A.shape[1]
+    NP = _padded_states(n_state)
+    compute = _compute_dtype(u)
+    n_cw = triton.cdiv(width, cfg.CW)
+    n_ch = triton.cdiv(height, cfg.CH)
+    dummy = torch.empty(1, device=u.device, dtype=compute)
+    row_carry = (torch.empty(batch, dim, n_cw - 1, height, NP, device=u.device, dtype=compute)
+                 if n_cw > 1 else dummy)
+    ckpt = (torch.empty(batch, dim, n_ch - 1, width, NP, device=u.device, dtype=compute)
+            if save_ckpt and n_ch > 1 else dummy)
+    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), COMPUTE=_tl_dtype(compute))
+    bias_arg = delta_bias if delta_bias is not None else dummy
+    if n_cw > 1:
+        grid = (height, triton.cdiv(dim, cfg.carry_channels), batch)
+        _row_carry_kernel[grid](
+            delta, bias_arg, u, B, A, row_carry, height, width, dim, n_state, n_cw,
+            DB=cfg.carry_channels, CW=cfg.CW, NP=NP, num_warps=cfg.carry_warps, **flags)
+    y = torch.empty(u.shape, device=u.device, dtype=u.dtype)
+    grid = (triton.cdiv(width, cfg.fwd_cols), triton.cdiv(dim, cfg.fwd_channels), batch)
+    _fwd_kernel[grid](
+        delta, bias_arg, u, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
+        row_carry, ckpt, y, height, width, dim, n_state, n_cw, n_ch,
+        DB=cfg.fwd_channels, TW=cfg.fwd_cols, CW=cfg.CW, CH=cfg.CH, NP=NP,
+        HAS_Z=z is not None, HAS_D=D is not None, STORE_CKPT=bool(save_ckpt and n_ch > 1),
+        num_warps=cfg.fwd_warps, **flags)
+    return y, row_carry, ckpt
+
+
+def _launch_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, row_carry, ckpt, cfg):
+    batch, dim, height, width = u.shape
+    n_state = A.shape[1]
+    NP = _padded_states(n_state)
+    NB = min(cfg.bwd_states, NP)
+    n_nb = NP // NB
+    split = n_nb > 1
+    compute = _compute_dtype(u)
+    n_cw = triton.cdiv(width, cfg.CW)
+    n_ch = triton.cdiv(height, cfg.CH)
+    dev = u.device
+    dummy = torch.empty(1, device=dev, dtype=compute)
+    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), HAS_Z=z is not None,
+                 COMPUTE=_tl_dtype(compute))
+    bias_arg = delta_bias if delta_bias is not None else dummy
+    z_arg = z if z is not None else dummy
+    col_carry = (torch.empty(batch, dim, n_ch - 1, width, NP, device=dev, dtype=compute)
+                 if n_ch > 1 else dummy)
+    if n_ch > 1:
+        grid = (triton.cdiv(width, cfg.carry_cols), dim, batch * n_nb)
+        _col_carry_kernel[grid](
+            delta, bias_arg, z_arg, dout, C, A, col_carry, height, width, dim, n_state, n_ch, n_nb,
+            CH=cfg.CH, TW=cfg.carry_cols, NB=NB, NP=NP, num_warps=cfg.carry_warps, **flags)
+    # sums over states: one program per state block adds its share (in the compute dtype)
+    new = torch.zeros if split else torch.empty
+    ddelta = new(delta.shape, device=dev, dtype=compute if split else delta.dtype)
+    du = new(u.shape, device=dev, dtype=compute if split else u.dtype)
+    dz = new(z.shape, device=dev, dtype=compute if split else z.dtype) if z is not None else dummy
+    # B and C are shared by all channels: their gradients are summed across programs atomically
+    dB = torch.zeros(B.shape, device=dev, dtype=compute)
+    dC = torch.zeros(C.shape, device=dev, dtype=compute)
+    dA_part = torch.empty(batch, n_ch, dim, NP, device=dev, dtype=compute)
+    dD_part = torch.empty(batch, n_ch, n_nb, dim, device=dev, dtype=compute)
+    dbias_part = torch.empty(batch, n_ch, n_nb, dim, device=dev, dtype=compute)
+    grid = (n_ch, dim, batch * n_nb)
+    _bwd_kernel[grid](
+        delta, bias_arg, u, z_arg, dout, B, C, A, D if D is not None else dummy,
+        row_carry, ckpt, col_carry,
+        ddelta, du, dz, dB, dC, dA_part, dD_part, dbias_part,
+        height, width, dim, n_state, n_cw, n_ch, n_nb,
+        CH=cfg.CH, CW=cfg.CW, NB=NB, NP=NP, HAS_D=D is not None, SPLIT=split, num_warps=cfg.bwd_warps,
+        **flags)
+    dA = dA_part.sum(dim=(0, 1))[:, :n_state].to(A.dtype)
+    dD = dD_part.sum(dim=(0, 1, 2)).to(D.dtype) if D is not None else None
+    dbias = dbias_part.sum(dim=(0, 1, 2)).to(delta_bias.dtype) if delta_bias is not None else None
+    return (du.to(u.dtype), ddelta.to(delta.dtype), dA, dB.to(B.dtype), dC.to(C.dtype), dD,
+            dz.to(z.dtype) if z is not None else None, dbias)
+
+
+class SelectiveScan2DFn(torch.autograd.Function):
+    """Autograd wiring: the forward keeps only the N/CW- and N/CH-fold carries, never the states."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, cfg):
+        save = any(ctx.needs_input_grad[:8])
+        y, row_carry, ckpt = _launch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save, cfg)
+        if save:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, row_carry, ckpt)
+            ctx.delta_softplus = delta_softplus
+            ctx.cfg = cfg
+        return y
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias, row_carry, ckpt = ctx.saved_tensors
+        grads = _launch_backward(dout.contiguous(), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
+                                 row_carry, ckpt, ctx.cfg)
+        return (*grads, None, None)
+
+
+def selective_scan_2d_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             config: TileConfig | None = None):
+    """The Triton 2D selective scan with autograd; same arguments and result as the reference."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    cfg = config or DEFAULT_CONFIG
+    cfg.check()
+    u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+    D = D.contiguous() if D is not None else None
+    z = z.contiguous() if z is not None else None
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    return SelectiveScan2DFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), cfg)
