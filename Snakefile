@@ -23,10 +23,12 @@ include: "rules/download.smk"
 include: "rules/segment.smk"
 include: "rules/tile.smk"
 include: "rules/features.smk"
+include: "rules/pixel.smk"
 include: "rules/splits.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/ablation.smk"
+include: "rules/pixel_ablation.smk"
 include: "rules/report.smk"
 
 

@@ -313,8 +313,9 @@ def run_cpu_reference(args):
             y.backward(torch.ones_like(y))
         elapsed = time.time() - start
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        held = sum(t.numel() * t.element_size() for t in inputs.values() if t is not None) / 2**30
         print(f"{args.child} L={length} dim={dim} N={n_state} threads={args.threads}: "
-              f"{elapsed:.1f} s, peak RSS {rss:.2f} GiB (inputs {5 * length * dim * 4 / 2**30:.2f} GiB)", flush=True)
+              f"{elapsed:.1f} s, peak RSS {rss:.2f} GiB (process, inputs {held:.2f} GiB included)", flush=True)
         return
     for mode in args.cpu_modes.split(","):
         subprocess.run([sys.executable, __file__, "--cpu-reference", "--child", mode, "--length", str(args.length),

@@ -63,5 +63,5 @@ def features_files():
 
 
 def final_outputs():
-    """What `rule all` asks for; grows with the pipeline's stages (REPORT_OUTPUTS: rules/report.smk)."""
+    """The targets of the default run: features of every slide and the report (REPORT_OUTPUTS, rules/report.smk)."""
     return features_files() + REPORT_OUTPUTS

@@ -13,7 +13,7 @@ that mpp (``mambapath.segment.read_at_mpp``), never taken as "pyramid level k".
     <slide>.json        level-0 mpp and its source, pyramid level read, size, tissue fraction,
                         segmentation status; written last, so its presence means the PNGs are whole
 
-``make_pixel_dataset`` (the interface mambapath.data expects for ``input_kind == "pixels"``)
+``make_pixel_dataset`` (the interface mambapath.bags expects for ``input_kind == "pixels"``)
 serves one :class:`~mambapath.models.pixel_mamba.SlideImage` per slide: the image as a float
 tensor (1, 3, H, W) in [0, 1] and, when the method drops tissue-free regions
 (``kwargs.drop_background``), the tissue mask (1, H, W). With ``pixel.cache: true`` (the
@@ -300,7 +300,7 @@ class PixelSlideDataset(torch.utils.data.Dataset):
 
 
 def make_pixel_dataset(slides, config: dict, method: dict) -> PixelSlideDataset:
-    """The dataset mambapath.data asks for when a method's input_kind is "pixels"."""
+    """The dataset mambapath.bags asks for when a method's input_kind is "pixels"."""
     from .config import load_cohort
 
     settings = pixel_settings(method)

@@ -273,7 +273,7 @@ def train_fold(*, config: dict, method: dict, sheet, features_dir, splits, task_
     import torch
     from tqdm import tqdm
 
-    from .data import fold_slides, make_dataset, read_fold, read_sheet
+    from .bags import fold_slides, make_dataset, read_fold, read_sheet
     from .models import create_model
     from .tasks import Task
 

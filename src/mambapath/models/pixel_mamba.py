@@ -233,7 +233,18 @@ def _normalise_schedule(schedule) -> tuple[str | None, ...]:
 
 
 class PixelMamba(nn.Module):
-    """Pixel-Mamba: slide image -> (1, n_outputs) logits. See the module docstring."""
+    """Pixel-Mamba: slide image -> (1, n_outputs) logits. See the module docstring.
+
+    schedule: one entry per layer, the Token Expansion after it (one of :data:`EXPANSIONS`, or
+    None); embed_dim: the first layer's width; token_scale: pixels per token side before the
+    first layer (1: pixel tokens); scan_window: region edge in pixels; alpha: Region Fusion rate;
+    d_state, d_conv, expand: the Mamba blocks; drop_background, region_min_tissue: leave out
+    regions whose tissue fraction is at most this (needs a SlideImage with a tissue mask);
+    magnification: the scale the slides are read at, kept with the model's settings (the pixel
+    dataset reads it); pad_value: padding in [0, 1] image units; normalize: ImageNet mean/std
+    (default for RGB); checkpointing, bf16: see Memory above; pretrained, pretrained_strict: see
+    :func:`load_backbone`.
+    """
 
     input_kind = "pixels"
 

@@ -19,7 +19,8 @@
 Every dataset, whatever its kind, offers the same small interface to train.py:
 
 - ``len(ds)`` and ``ds[i]``: the model input of slide ``ds.slide_ids[i]`` (a Bag with batch
-  size 1, or a float tensor (1, C, H, W) for pixels), on the CPU;
+  size 1, or for pixels a ``SlideImage``: the image (1, 3, H, W) in [0, 1] with an optional
+  tissue mask, and a ``.to(device)`` method), on the CPU;
 - ``ds.slide_ids``: the slides kept, in the order of ``slides``;
 - ``ds.dropped``: ``{slide_id: reason}`` for slides left out (recorded in train.json);
 - ``ds.input_dim``: passed to the model builder as ``in_dim`` (feature dimension, or channels);
