@@ -22,7 +22,7 @@ demo: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) --keep-going --printshellcmds
 
 test: setup
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -n $(CORES) --durations=15
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -n $(CORES) --dist loadgroup --durations=15
 
 lint: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --lint

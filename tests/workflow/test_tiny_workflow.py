@@ -22,6 +22,8 @@ HERE = Path(__file__).resolve().parent
 METHODS = ["mean_mil", "mamba_mil"]
 TASKS = ["survival", "classification"]
 FOLDS = 2
+# one pytest-xdist worker runs every test of this module, so the tiny DAG runs once
+pytestmark = pytest.mark.xdist_group("tiny_workflow")
 
 
 def _snakemake(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
