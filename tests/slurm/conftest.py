@@ -49,10 +49,14 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 INSTALL_SCRIPT = HERE / "install-slurm.sh"
 SBIN_PATH = "/usr/sbin:/sbin"
+#: what the fixture runs (install-slurm.sh installs the packages that bring them)
+REQUIRED_COMMANDS = ("slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "sacctmgr", "munged", "mariadbd",
+                     "mariadb-install-db", "mariadb", "ip", "unshare", "nsenter")
 CLUSTER_NAME = "mambapath"
 NODE_NAME = "mambapath-node"
 ACCOUNT = "mambapath-ci"
-#: MinJobAge: finished jobs leave slurmctld's memory after this; sacct keeps their records
+#: MinJobAge: finished jobs leave slurmctld's memory (and squeue) after this, so job states
+#: must come from the accounting records (sacct), as on a busy cluster
 MIN_JOB_AGE_S = 30
 #: longest wait for a daemon to come up
 START_TIMEOUT_S = 90
@@ -198,9 +202,6 @@ class SlurmCluster:
 
     def _start_namespace(self) -> int:
         """Network (loopback only) and mount namespaces, held open by a sleeping process."""
-        if any(_which(c) is None for c in ("unshare", "nsenter", "ip")):
-            pytest.skip("the SLURM tests need unshare, nsenter (util-linux) and ip (iproute2) for private "
-                        "namespaces")
         holder = subprocess.Popen(["unshare", "--net", "--mount", "--", "sh", "-c", _NAMESPACE_HOLDER, "holder",
                                    str(self.root / "etc")],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -223,7 +224,9 @@ class SlurmCluster:
 
     def _start(self) -> dict[str, int]:
         for sub in ("etc", "log", "state", "spool", "munge", "db", "run"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            # a fresh cluster each time: nothing left from one that stopped or crashed here
+            shutil.rmtree(self.root / sub, ignore_errors=True)
+            (self.root / sub).mkdir(parents=True)
         os.chmod(self.root / "munge", 0o700)
         ports = PORTS
         hostname = socket.gethostname().split(".")[0]
@@ -322,7 +325,7 @@ class SlurmCluster:
             "AccountingStorageEnforce=associations\nAccountingStorageTRES=gres/gpu\n"
             "AccountingStoreFlags=job_comment\n"
             # memory is enforced by polling each step's processes (no cgroups in a container):
-            # a step above its job's --mem is killed within a second, the job ends OUT_OF_MEMORY
+            # a step above its job's --mem is killed within a second and the job ends FAILED
             "JobAcctGatherType=jobacct_gather/linux\nJobAcctGatherFrequency=task=1\n"
             "JobAcctGatherParams=OverMemoryKill\n"
             f"NodeName={self.node} NodeHostname={hostname} NodeAddr=127.0.0.1 CPUs={cpus} "
@@ -365,9 +368,11 @@ def _shared_root(tmp_path_factory) -> Path:
 def slurm_cluster(tmp_path_factory):
     if os.name != "posix" or not Path("/proc/meminfo").exists():
         pytest.skip("the SLURM tests start Slurm daemons and need Linux")
-    if any(_which(c) is None for c in ("slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "munged", "mariadbd")):
+    missing = [c for c in REQUIRED_COMMANDS if _which(c) is None]
+    if missing:
         if os.geteuid() != 0:
-            pytest.skip("Slurm is not installed and installing it needs root (run tests/slurm/install-slurm.sh)")
+            pytest.skip(f"{', '.join(missing)} not installed, and installing them needs root "
+                        "(tests/slurm/install-slurm.sh)")
         _install_or_skip()
     if os.geteuid() != 0:
         pytest.skip("starting slurmctld/slurmd/slurmdbd as daemons of their own needs root")

@@ -5,7 +5,8 @@
 set -euo pipefail
 
 PACKAGES=(slurmctld slurmd slurmdbd slurm-client munge mariadb-server iproute2 util-linux)
-COMMANDS=(slurmctld slurmd slurmdbd sbatch sacct sacctmgr munged mariadbd mariadb-install-db ip unshare nsenter)
+# what tests/slurm/conftest.py runs (its REQUIRED_COMMANDS)
+COMMANDS=(slurmctld slurmd slurmdbd sbatch sacct sacctmgr munged mariadbd mariadb-install-db mariadb ip unshare nsenter)
 
 missing=()
 for command in "${COMMANDS[@]}"; do
