@@ -1,5 +1,7 @@
 # Set-up and entry points. `make demo` and `make test` work on a fresh machine: each builds
 # the virtual environment first (uv, Python 3.11, every version pinned by requirements.lock).
+# Bytecode is compiled at install time: every job is a fresh Python process, and compiling
+# torch's sources each time (where PYTHONDONTWRITEBYTECODE is set) costs seconds per job.
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2
@@ -15,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 	$(PYTHON) -m uv venv --quiet --allow-existing -p 3.11 $(VENV)
-	$(PYTHON) -m uv pip install --quiet --python $(VENV)/bin/python $(UV_FLAGS) -c requirements.lock -e ".[dev]"
+	$(PYTHON) -m uv pip install --quiet --compile-bytecode --python $(VENV)/bin/python $(UV_FLAGS) -c requirements.lock -e ".[dev]"
 	touch $@
 
 demo: setup

@@ -410,7 +410,9 @@ def fold_figure(results: CohortResults, task: str, stem: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(results.methods), 3.6))
     sns.pointplot(data=data, x="method", y="value", errorbar="sd", color="black", linestyle="none",
                   markers="D", markersize=4, capsize=0.15, err_kws={"linewidth": 1.0}, ax=ax)
-    sns.stripplot(data=data, x="method", y="value", hue="fold", size=6, jitter=0.12, ax=ax, palette="tab10")
+    # folds side by side at fixed offsets (dodge), not random jitter: the figure is the same on every run
+    sns.stripplot(data=data, x="method", y="value", hue="fold", size=5, dodge=True, jitter=False, ax=ax,
+                  palette="tab10")
     ax.set_xlabel("")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.set_title(f"{results.name}: {task}, {METRIC_LABELS.get(metric, metric)} per fold (mean ± std)")
