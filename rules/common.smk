@@ -1,4 +1,5 @@
 # Config and sheet validation, paths and input functions shared by every rule.
+import functools
 import os
 
 import pandas as pd
@@ -41,6 +42,13 @@ def downloaded_slides_dir():
     return str(COHORT.slides_dir) if COHORT.slides_dir else f"{RESULTS}/slides_raw"
 
 
+@functools.cache
+def sheet_slide_paths():
+    """slide_id -> path of a sheet cohort, read once (the DAG asks for every slide's path)."""
+    sheet = pd.read_csv(COHORT.sheet, dtype={"slide_id": str, "patient_id": str, "path": str})
+    return dict(zip(sheet["slide_id"], sheet["path"]))
+
+
 def slide_path(wildcards):
     """Path of one slide file (synthetic slides are written by the synth rule, gdc ones by download).
 
@@ -51,8 +59,7 @@ def slide_path(wildcards):
         return f"{RESULTS}/slides/{wildcards.slide}.tiff"
     if COHORT.source == "gdc":
         return f"{downloaded_slides_dir()}/{wildcards.slide}.svs"
-    sheet = pd.read_csv(COHORT.sheet, dtype={"slide_id": str, "patient_id": str}).set_index("slide_id")
-    path = sheet.loc[wildcards.slide, "path"]
+    path = sheet_slide_paths()[wildcards.slide]
     if COHORT.slides_dir and not os.path.isabs(path):
         return str(COHORT.slides_dir / path)
     return path

@@ -53,7 +53,11 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    verb = next((a for a in argv if not a.startswith("-")), None)
+    # the verb is the first positional argument after the global options (--log-level takes a value)
+    verb_finder = argparse.ArgumentParser(add_help=False)
+    verb_finder.add_argument("--log-level")
+    verb_finder.add_argument("verb", nargs="?")
+    verb = verb_finder.parse_known_args(argv)[0].verb
     parser = build_parser(verb if verb in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.verb is None:
