@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	touch $@
 
 demo: setup
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) --keep-going --printshellcmds
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --profile profiles/local --cores $(CORES)
 
 test: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -n $(CORES) --dist loadgroup --durations=15
