@@ -680,7 +680,8 @@ def _page(cohorts, long, main, task_tables, comparisons, matched, candidates, pu
     )
     training = first.get("training")
     if training:
-        page.text("Training: " + ", ".join(f"{k} `{v}`" for k, v in training.items()) + ".")
+        # keys without a value (best_epoch under fixed_epochs) say nothing
+        page.text("Training: " + ", ".join(f"{k} `{v}`" for k, v in training.items() if v is not None) + ".")
     page.items(f"`{t}`: {task_types[t]}, headline metric {METRIC_LABELS.get(primary[t], primary[t])}"
                for t in task_types)
 
