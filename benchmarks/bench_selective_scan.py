@@ -3,7 +3,7 @@ kernel, forward and forward+backward, at whole-slide-image shapes (batch 1, long
 
 Run on a GPU (all three backends in one run, on one device):
 
-    python benchmarks/bench_selective_scan.py --out bench_selective_scan.txt
+    python benchmarks/bench_selective_scan.py --out bench_selective_scan.txt [--grid targets]
 
 and on the CPU, for the reference's memory at L = 1M, dim 64:
 
@@ -54,6 +54,15 @@ ISSUE_MAMBA_MS = {  # mamba-ssm on the issue's H100, float32, median of 20: (dim
     (128, 16, 262144): (2.82, 9.30),
     (128, 16, 16384): (0.17, 0.63),
 }
+
+
+def target_grid():
+    """(dim, N, L, gate) rows: the issue's target shapes (N 16, dim 128 and 512, L >= 16k) and a
+    few around them, N = 64 once, and the gated rows."""
+    rows = [(dim, 16, length, False) for dim in (128, 512) for length in (16384, 65536, 262144, 1048576)]
+    rows += [(256, 16, 65536, False), (1024, 16, 65536, False), (512, 64, 65536, False)]
+    rows += [(512, 16, 65536, True), (128, 16, 262144, True)]
+    return rows
 
 
 def default_grid():
@@ -219,15 +228,16 @@ def run_gpu(args):
     exp_rate = measure_exp_rate()
     import triton
 
-    from mambapath.kernels.selective_scan import triton_module
+    from mambapath.kernels.selective_scan import triton_module, uses_many_states
 
-    configs = {n: triton_module(False).default_config(n, False) for n in (16, 64)}
+    configs = {n: triton_module(False, uses_many_states(n)).default_config(n, False) for n in (16, 64)}
     header = [f"device: {device}; torch {torch.__version__}; triton {triton.__version__}; dtype {args.dtype}; "
               f"median of {args.reps}",
               f"measured: HBM copy {bandwidth / 1e12:.2f} TB/s, exp2 {exp_rate / 1e12:.2f} T/s",
-              *(f"triton tiles for N={n}: {c}" for n, c in configs.items())]
+              *(f"triton tiles for N={n} ({'chunk_many_states.py' if uses_many_states(n) else 'chunk.py'}): {c}"
+                for n, c in configs.items())]
     print("\n".join(header), flush=True)
-    grid = default_grid()
+    grid = target_grid() if args.grid == "targets" else default_grid()
     if args.quick:
         grid = [r for r in grid if r[2] <= 65536 and r[0] <= 512]
     results = {}
@@ -330,6 +340,8 @@ def main(argv=None):
     parser.add_argument("--reference-max-elements", type=float, default=2**27,
                         help="time the reference only where dim * N * L is at most this (its Python loops are slow)")
     parser.add_argument("--quick", action="store_true", help="dim <= 512, L <= 64k only")
+    parser.add_argument("--grid", choices=("all", "targets"), default="all",
+                        help="all: the issue's WSI grid; targets: its target shapes and a few around them")
     parser.add_argument("--wait-mamba", help="marker file written when a background mamba-ssm build ends")
     parser.add_argument("--time-limit", type=float, default=1e9, help="seconds; mamba-ssm rows stop after it")
     parser.add_argument("--cpu-reference", action="store_true", help="measure the reference on the CPU instead")

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # The selective scan's GPU checks in one go, on a CUDA (sm_90) machine, from the repository root:
 # mamba-ssm is built from its PyPI sdist for sm_90 only, in the background, while the GPU tests
-# and the tile sweep run; then the benchmark times our kernels, the reference and mamba-ssm.
+# and MambaBack's streaming-memory benchmark (Triton scan) run; then the benchmark times our
+# kernels, the reference and mamba-ssm in one run.
 #
 #   pip download --no-deps --no-binary :all: mamba-ssm==2.3.2.post1 -d SDIST_PARENT   (then untar)
-#   benchmarks/run_selective_scan_gpu.sh SDIST_DIR OUT_DIR [SECONDS]
+#   benchmarks/run_selective_scan_gpu.sh SDIST_DIR OUT_DIR [SECONDS] [GRID]
 #
 # SECONDS (default 570) bounds the whole run: the benchmark drops mamba-ssm rows it cannot
 # reach in time, and prints the quoted mamba-ssm numbers if the build is not done.
+# GRID: "targets" (default: the target shapes and a few around them) or "all".
+# TESTS (environment, default: the float32, bfloat16 and tile-layout tests) selects GPU tests
+# with pytest -k; "all" runs the whole module (its many kernel variants take minutes to compile).
 set -uo pipefail
 sdist=$(cd "$1" && pwd)
 out=$(mkdir -p "$2" && cd "$2" && pwd)
 limit=${3:-570}
+grid=${4:-targets}
 start=$(date +%s)
 export PYTHONUNBUFFERED=1
 
@@ -38,11 +43,15 @@ build_dir=$(mktemp -d)
 ) &
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv,noheader
-timeout 240 python3 -m pytest tests/kernels/test_selective_scan_gpu.py -q -p no:cacheprovider 2>&1 \
-  | tee "$out/gpu_tests.txt" | tail -n 30
-timeout 120 python3 benchmarks/tune_selective_scan.py 2>&1 | tee "$out/tune.txt"
+tests=${TESTS:-float32 or bfloat16 or tile_configs}
+if [ "$tests" = all ]; then select=(); else select=(-k "$tests"); fi
+timeout 170 python3 -m pytest tests/kernels/test_selective_scan_gpu.py -q -rf -p no:cacheprovider "${select[@]}" \
+  > "$out/gpu_tests.txt" 2>&1
+echo "gpu tests exit $?"; tail -n 15 "$out/gpu_tests.txt"
+timeout 90 python3 benchmarks/bench_mambaback_memory.py --device cuda --preset paper --scan-backend triton \
+  --parallel-max 1000000 --json "$out/mambaback_memory.json" > "$out/mambaback_memory.txt" 2>&1
+echo "mambaback memory exit $?"; tail -n 20 "$out/mambaback_memory.txt"
 left=$(( limit - ($(date +%s) - start) - 15 ))
-python3 benchmarks/bench_selective_scan.py --wait-mamba "$build_dir/done" --time-limit "$left" \
-  --out "$out/bench_selective_scan.txt" 2>&1 | tail -n 60
+python3 benchmarks/bench_selective_scan.py --grid "$grid" --reference-max-elements 33554432 \
+  --wait-mamba "$build_dir/done" --time-limit "$left" --out "$out/bench_selective_scan.txt" 2>&1 | tail -n 40
 tail -n 5 "$out/mamba_build.log"
-cp "$build_dir"/*.whl "$out"/ 2>/dev/null || true

@@ -2,14 +2,20 @@
 ScanConfig candidates at a few WSI shapes (batch 1, float32, softplus, D, delta_bias), so the
 defaults in kernels/selective_scan/chunk.py can be chosen from measurements.
 
-    python benchmarks/tune_selective_scan.py
+    python benchmarks/tune_selective_scan.py [--candidates NAME ...] [--shapes DIM,N,L ...]
 
-Same timing as bench_selective_scan.py (median of CUDA-event timings, L2 flushed between runs).
+Same timing as bench_selective_scan.py (median of CUDA-event timings, L2 flushed between runs);
+"bwd ms" is the forward+backward time minus the forward time. ``--profile`` instead runs one
+forward+backward per candidate and shape between cudaProfilerStart and cudaProfilerStop, for
+
+    ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
+        python benchmarks/tune_selective_scan.py --profile --candidates default --shapes 512,16,65536
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -18,40 +24,53 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_selective_scan import Timer, make_inputs  # noqa: E402
 
-SHAPES = [(512, 16, 65536), (128, 16, 262144), (512, 64, 65536)]
+SHAPES = [(512, 16, 65536), (128, 16, 262144), (128, 16, 16384)]
 
 
 def candidates(module, n_state):
-    C = module.ScanConfig
-    carry16, carry64 = dict(block_c=16, carry_block_d=8), dict(block_c=16, carry_block_d=4)
-    if n_state <= 16:
-        return {
-            "d32-t4-w4": C(block_d=32, block_t=4, num_warps=4, bwd_num_warps=4, max_sub=512, **carry16),
-            "d32-t4-w2": C(block_d=32, block_t=4, num_warps=2, bwd_num_warps=2, max_sub=512, **carry16),
-            "d32-t8-w4": C(block_d=32, block_t=8, num_warps=4, bwd_num_warps=4, **carry16),
-        }
+    """name -> ScanConfig: the default for N, and variations of one or two fields."""
+    base = module.default_config(n_state, False)
+    change = dataclasses.replace
     return {
-        "d32-t4-w4": C(block_d=32, block_t=4, num_warps=4, bwd_num_warps=4, max_sub=512, **carry64),
-        "d32-t2-w4": C(block_d=32, block_t=2, num_warps=4, bwd_num_warps=4, max_sub=1024, **carry64),
-        "d32-t4-w8": C(block_d=32, block_t=4, num_warps=8, bwd_num_warps=8, max_sub=512, **carry64),
+        "default": base,
+        "fwd-no-cap": change(base, maxnreg=None),
+        "fwd-nreg128": change(base, maxnreg=128),
+        "fwd-pps24": change(base, programs_per_sm=24),
+        "fwd-prefetch": change(base, prefetch_state=True, prefetch_out=True),
+        "bwd-d16": change(base, bwd_block_d=16),
+        "bwd-butterfly": change(base, fast_reduce=False),
+        "bwd-nreg168": change(base, bwd_maxnreg=168, bwd_programs_per_sm=12),
+        "bwd-pps16": change(base, bwd_programs_per_sm=16),
     }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--candidates", nargs="*", help="names to run (default: all)")
+    parser.add_argument("--shapes", nargs="*", help="DIM,N,L triples (default: the WSI targets)")
+    parser.add_argument("--profile", action="store_true",
+                        help="one profiled forward+backward per run (for ncu --profile-from-start off)")
     args = parser.parse_args(argv)
-    from mambapath.kernels.selective_scan import triton_module
+    from mambapath.kernels.selective_scan import triton_module, uses_many_states
 
     module = triton_module(False)
     timer = Timer(args.reps)
-    print(f"{'dim':>5} {'N':>3} {'L':>8} {'config':>14} {'fwd ms':>8} {'f+b ms':>8}", flush=True)
-    for dim, n_state, length in SHAPES:
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+    print(f"{'dim':>5} {'N':>3} {'L':>8} {'config':>14} {'fwd ms':>8} {'bwd ms':>8} {'f+b ms':>8}", flush=True)
+    for dim, n_state, length in shapes:
+        if uses_many_states(n_state):
+            print(f"{dim:>5} {n_state:>3} {length:>8} skipped: N > 16 runs chunk_many_states.py, not tuned here",
+                  flush=True)
+            continue
         inputs = make_inputs(dim, n_state, length, False, torch.float32, "cuda")
         args_ = (inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"])
         kwargs = dict(D=inputs["D"], delta_bias=inputs["delta_bias"], delta_softplus=True)
         dy = torch.randn_like(inputs["u"])
         for name, config in candidates(module, n_state).items():
+            if args.candidates and name not in args.candidates:
+                continue
+
             def forward():
                 with torch.no_grad():
                     module.selective_scan_triton(*args_, config=config, **kwargs)
@@ -65,6 +84,21 @@ def main(argv=None):
             def forward_backward():
                 module.selective_scan_triton(*args_, config=config, **kwargs).backward(dy)
 
+            if args.profile:
+                for t in leaves:
+                    t.requires_grad_(True)
+                forward_backward()  # compiles
+                clear()
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaProfilerStart()
+                forward_backward()
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaProfilerStop()
+                clear()
+                for t in leaves:
+                    t.requires_grad_(False)
+                print(f"{dim:>5} {n_state:>3} {length:>8} {name:>14} profiled", flush=True)
+                continue
             try:
                 fwd = timer(forward)
                 for t in leaves:
@@ -78,7 +112,7 @@ def main(argv=None):
                 clear()
                 for t in leaves:
                     t.requires_grad_(False)
-            print(f"{dim:>5} {n_state:>3} {length:>8} {name:>14} {fwd:8.3f} {fb:8.3f}", flush=True)
+            print(f"{dim:>5} {n_state:>3} {length:>8} {name:>14} {fwd:8.3f} {fb - fwd:8.3f} {fb:8.3f}", flush=True)
         del inputs
         torch.cuda.empty_cache()
 

@@ -41,13 +41,23 @@ def interpreter_active() -> bool:
     return isinstance(standard.zeros, InterpretedFunction)
 
 
-@functools.lru_cache(maxsize=2)
-def triton_module(interpret: bool):
-    """chunk.py (the kernels), defined for one mode: compiled or interpreted. The kernels must
-    match Triton's own library (``interpreter_active()``); each mode gets its own copy of the
-    module, defined with TRITON_INTERPRET set accordingly."""
-    name = f"{__name__}._chunk_{'interpreted' if interpret else 'compiled'}"
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("chunk.py"))
+# above this many states a channel's states no longer fit one thread's registers: chunk.py's
+# layout spills, and chunk_many_states.py (the states over the warps) is faster
+MANY_STATES = 16
+
+
+def uses_many_states(n_state: int) -> bool:
+    """Whether ``selective_scan`` runs chunk_many_states.py (N > 16) rather than chunk.py."""
+    return n_state > MANY_STATES
+
+
+@functools.lru_cache(maxsize=4)
+def _kernel_module(file_name: str, interpret: bool):
+    """A kernel file of this package, defined for one mode: compiled or interpreted. The kernels
+    must match Triton's own library (``interpreter_active()``); each mode gets its own copy of
+    the module, defined with TRITON_INTERPRET set accordingly."""
+    name = f"{__name__}._{Path(file_name).stem}_{'interpreted' if interpret else 'compiled'}"
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file_name))
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     previous = os.environ.get("TRITON_INTERPRET")
@@ -63,6 +73,12 @@ def triton_module(interpret: bool):
         else:
             os.environ["TRITON_INTERPRET"] = previous
     return module
+
+
+def triton_module(interpret: bool, many_states: bool = False):
+    """The Triton kernels for one mode (compiled or interpreted): chunk.py, or with
+    ``many_states`` chunk_many_states.py (the layout ``selective_scan`` uses for N > 16)."""
+    return _kernel_module("chunk_many_states.py" if many_states else "chunk.py", interpret)
 
 
 def resolve_backend(backend: str, u: torch.Tensor, reverse: bool = False, initial_state=None) -> str:
@@ -157,9 +173,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     devices = {t.device for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"selective_scan: all tensors must be on one device, got {sorted(map(str, devices))}")
-    return triton_module(interpreter_active()).selective_scan_triton(
+    return triton_module(interpreter_active(), uses_many_states(A.shape[-1])).selective_scan_triton(
         u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, reverse=reverse,
         initial_state=initial_state, return_last_state=return_last_state)
 
 
-__all__ = ["BACKENDS", "interpreter_active", "resolve_backend", "selective_scan", "selective_scan_ref"]
+__all__ = ["BACKENDS", "interpreter_active", "resolve_backend", "selective_scan", "selective_scan_ref",
+           "triton_module", "uses_many_states"]

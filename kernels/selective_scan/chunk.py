@@ -3,13 +3,18 @@
 The maths (chunk summaries, the carries between chunks, the adjoint recurrence and every
 gradient) is in README.md beside this file; the kernels keep shape comments only.
 
-Layout: the sequence is cut into chunks of ``n_sub`` sub-tiles of ``BT`` positions. One program
-owns (batch b, BD channels, one chunk). Within a sub-tile the state recurrence over BT positions
-is an in-register ``tl.associative_scan`` of (decay, input) pairs; sub-tiles of a chunk follow
-one another in a loop that carries the (N, BD) state.
+Layout: the sequence is cut into chunks of ``n_sub`` sub-tiles of ``BT`` positions (BT = 2 or 4).
+One program owns (batch b, BD channels, one chunk). Its state is a (BN, BD) tile: every state
+of a channel in one thread's registers, the channels on the lanes (and warps) of the program.
+A sub-tile's inputs are loaded as (BD, BT) tiles (B and C as one such tile per state, the same
+values for every channel), BT positions per vector load, and split into per-position columns
+in registers; the recurrence then advances one position at a time, h = exp(delta A) h +
+delta B u, so the sums over states (y, and in the backward du and ddelta) never leave a thread.
+Suited to N <= 16; for more states the package runs chunk_many_states.py.
 
 Forward, three launches:
-  1. ``_chunk_state_fwd_kernel``: per chunk, the end state from a zero start and the sum of delta.
+  1. ``_scan_fwd_kernel`` with STATE_ONLY: per chunk, the end state from a zero start and the
+     sum of delta.
   2. ``_chunk_carry_kernel``: per (b, channel block), a scan over chunks: true chunk end states.
   3. ``_scan_fwd_kernel``: per chunk, the states again from the true start, and the outputs.
 Backward, three launches (states are recomputed, never stored per position):
@@ -31,45 +36,65 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @dataclass(frozen=True)
 class ScanConfig:
-    """Tile sizes: block_d channels (the lanes of a warp) and block_t positions (registers of
-    one thread) per program step, the states spread over num_warps warps. A chunk is at most
-    max_sub sub-tiles, and short enough to give programs_per_sm programs per multiprocessor;
-    the backward runs bwd_programs_per_sm persistent programs per multiprocessor. The carry
-    kernel moves block_c chunks of carry_block_d channels per step."""
+    """Tile sizes. A program owns block_d channels (32 * num_warps puts each on its own thread,
+    with all its states) and steps block_t positions (2 or 4) at a time; the backward has its
+    own bwd_block_d, bwd_block_t and bwd_num_warps. A chunk is at most max_sub sub-tiles of the
+    forward, at least min_chunk positions (short sequences: fewer, longer chunks cost less than
+    many carries), and otherwise short enough to give programs_per_sm forward programs per
+    multiprocessor; the backward runs bwd_programs_per_sm persistent programs per
+    multiprocessor. The carry kernel
+    moves block_c chunks of carry_block_d channels per step. fast_reduce sums dB and dC over a
+    warp's channels with a transposing exchange of lanes (compiled kernels only) instead of one
+    reduction per value. prefetch_state and prefetch_out load the next sub-tile's inputs
+    before the current one is worked on, in the forward's chunk-state and output passes.
+    maxnreg and bwd_maxnreg cap the registers per thread of the chunk kernels (forward and
+    adjoint) and of the backward kernel: more warps per multiprocessor, at the price of spills."""
 
     block_d: int = 32
-    block_t: int = 8
-    num_warps: int = 4
-    bwd_num_warps: int = 4
-    max_sub: int = 256
+    block_t: int = 4
+    num_warps: int = 1
+    bwd_block_d: int = 32
+    bwd_block_t: int = 2
+    bwd_num_warps: int = 1
+    max_sub: int = 512
+    min_chunk: int = 64
     block_c: int = 16
     carry_block_d: int = 8
-    programs_per_sm: int = 8
-    bwd_programs_per_sm: int = 2
+    carry_num_warps: int = 4
+    programs_per_sm: int = 16
+    bwd_programs_per_sm: int = 8
+    fast_reduce: bool = True
+    prefetch_state: bool = False
+    prefetch_out: bool = False
+    maxnreg: int | None = None
+    bwd_maxnreg: int | None = None
 
 
 def default_config(n_state: int, interpret: bool) -> ScanConfig:
     """Tile sizes for N states; tiny ones for Triton's interpreter."""
     if interpret:
         # the interpreter runs a program's loop iterations in Python: small tiles, few programs
-        return ScanConfig(block_d=4, block_t=8, num_warps=1, bwd_num_warps=1, max_sub=4, block_c=4,
-                          carry_block_d=4, programs_per_sm=4, bwd_programs_per_sm=4)
+        return ScanConfig(block_d=8, block_t=4, num_warps=1, bwd_block_d=8, bwd_block_t=4, bwd_num_warps=1,
+                          max_sub=4, min_chunk=4, block_c=4, carry_block_d=4, carry_num_warps=1, programs_per_sm=4,
+                          bwd_programs_per_sm=4, fast_reduce=False)
     block_n = triton.next_power_of_2(n_state)
-    # measured on an H100 (benchmarks/tune_selective_scan.py): four warps and four positions
-    # per thread beat eight warps or eight positions, forward and backward
-    carry_block_d = 8 if block_n <= 32 else 4
-    return ScanConfig(block_d=32, block_t=4, num_warps=4, bwd_num_warps=4, max_sub=512, programs_per_sm=8,
-                      block_c=16, carry_block_d=carry_block_d)
+    if block_n <= 16:
+        # measured on an H100 (benchmarks/tune_selective_scan.py): a register cap of 168 on the
+        # forward kernels (12 warps per multiprocessor instead of 8) beat no cap and 128
+        return ScanConfig(maxnreg=168)
+    # correct for any N, but beyond 16 states a thread's registers overflow: selective_scan runs
+    # chunk_many_states.py there
+    return ScanConfig(block_t=2, bwd_block_t=2, carry_block_d=4)
 
 
-def _block_d_for(config: ScanConfig, dim: int, dim_per_group: int) -> int:
-    """Largest power of two <= config.block_d that divides the group size, so that every
-    program reads a single group of B and C."""
-    block_d = config.block_d
+def _block_d_for(block_d: int, dim: int, dim_per_group: int) -> int:
+    """Largest power of two <= block_d that divides the group size, so that every program
+    reads a single group of B and C."""
     while dim_per_group % block_d:
         block_d //= 2
     return block_d
@@ -77,6 +102,14 @@ def _block_d_for(config: ScanConfig, dim: int, dim_per_group: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # device helpers
+#
+# Layouts. The (BN, BD) state tiles keep a channel's states in one thread and put the channels
+# on the lanes: every tile that reaches memory is either (BD, BT) (channels by positions,
+# positions contiguous: Triton's coalescing puts the positions in a thread's registers and the
+# channels on the lanes, in every Triton version) or one (BD,) or (BD, BT) row per state,
+# stacked into a tile with joins and reshapes, which only rename registers. A (BN, BD) pointer
+# tile has no contiguous dimension, and Triton versions differ in which of the two they then
+# spread over the lanes.
 
 
 @triton.jit
@@ -95,105 +128,334 @@ def _softplus(x):
 
 
 @triton.jit
-def _tile(tile, t_lo, t_hi, L, offs_j, REVERSE: tl.constexpr, BT: tl.constexpr, SHIFT: tl.constexpr = 0):
-    """Memory positions (BT,) of scan positions t + SHIFT for the t of sub-tile ``tile``, and
-    which of them to read: t_lo <= t < t_hi (t_hi <= L) and t + SHIFT < L."""
-    t = tile * BT + offs_j
-    mask = (t >= t_lo) & (t < t_hi) & (t + SHIFT < L)
-    if REVERSE:
-        return L - 1 - (t + SHIFT), mask
+def _columns(x, BT: tl.constexpr):
+    """The BT (2 or 4) columns of a (..., BT) tile, in memory order."""
+    if BT == 4:
+        a, b = tl.split(tl.reshape(x, x.shape[:-1] + (2, 2)))
+        c0, c2 = tl.split(a)
+        c1, c3 = tl.split(b)
+        cols = (c0, c1, c2, c3)
     else:
-        return t + SHIFT, mask
+        cols = tl.split(x)
+    return cols
 
 
 @triton.jit
-def _load_rows(cols, pos, mask_t):
-    """(BT, BD) float32 tile of a (batch, dim, L) tensor; ``cols`` points at (batch, channels)."""
-    return tl.load(cols + pos[:, None], mask=mask_t[:, None], other=0.0).to(tl.float32)
+def _put(tile, col, j, offs_t):
+    """``tile`` (BD, BT) with column j replaced by ``col`` (BD,)."""
+    return tl.where(offs_t[None, :] == j, col[:, None], tile)
 
 
 @triton.jit
-def _load_states(cols, pos, mask_t, mask_n):
-    """(BT, BN) float32 tile of B or C; ``cols`` points at (batch, group, states)."""
-    return tl.load(cols + pos[:, None], mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+def _cat(a, b):
+    """The rows of a (R, ...) above those of b: (2R, ...)."""
+    if len(a.shape) == 2:
+        return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1]))
+    else:
+        return tl.reshape(tl.permute(tl.join(a, b), (3, 0, 1, 2)), (2 * a.shape[0], a.shape[1], a.shape[2]))
 
 
 @triton.jit
-def _step(raw, mask_t, dbias, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """(BT, BD) raw delta -> (raw + bias, step delta); positions outside [0, L) get step 0."""
+def _stack(rows):
+    """A tuple of 2^k tensors of one shape S -> (2^k, *S), row i = rows[i]."""
+    level = ()
+    for i in tl.static_range(len(rows)):
+        level = level + (tl.expand_dims(rows[i], 0),)
+    for _ in tl.static_range(8):
+        if len(level) > 1:
+            pairs = ()
+            for j in tl.static_range(len(level) // 2):
+                pairs = pairs + (_cat(level[2 * j], level[2 * j + 1]),)
+            level = pairs
+    return level[0]
+
+
+@triton.jit
+def _halves(x):
+    """(2R, ...) -> its first R rows and its last R rows."""
+    R: tl.constexpr = x.shape[0] // 2
+    if len(x.shape) == 2:
+        y = tl.permute(tl.reshape(x, (2, R, x.shape[1])), (1, 2, 0))
+    else:
+        y = tl.permute(tl.reshape(x, (2, R, x.shape[1], x.shape[2])), (1, 2, 3, 0))
+    return tl.split(y)
+
+
+@triton.jit
+def _unstack(x):
+    """(2^k, *S) -> a tuple of its 2^k rows, each S."""
+    level = (x,)
+    for _ in tl.static_range(8):
+        if level[0].shape[0] > 1:
+            parts = ()
+            for j in tl.static_range(len(level)):
+                lo, hi = _halves(level[j])
+                parts = parts + (lo, hi)
+            level = parts
+    rows = ()
+    for i in tl.static_range(len(level)):
+        if len(x.shape) == 2:
+            rows = rows + (tl.reshape(level[i], (x.shape[1],)),)
+        else:
+            rows = rows + (tl.reshape(level[i], (x.shape[1], x.shape[2])),)
+    return rows
+
+
+@triton.jit
+def _load_states(base, offs_d, n_state, BN: tl.constexpr, MASK_N: tl.constexpr):
+    """(BN, BD) float32 tile of a (..., dim, N) tensor at ``base``: a (BD,) load per state."""
+    rows = ()
+    for n in tl.static_range(BN):
+        if MASK_N:
+            row = tl.load(base + offs_d * n_state + n, mask=(offs_d * 0 + n) < n_state, other=0.0)
+        else:
+            row = tl.load(base + offs_d * n_state + n)
+        rows = rows + (row.to(tl.float32),)
+    return _stack(rows)
+
+
+@triton.jit
+def _store_states(base, offs_d, n_state, tile, MASK_N: tl.constexpr, ATOMIC: tl.constexpr = False):
+    """Store (or with ATOMIC add) a (BN, BD) tile into a (..., dim, N) tensor at ``base``."""
+    rows = _unstack(tile)
+    for n in tl.static_range(len(rows)):
+        ptrs = base + offs_d * n_state + n
+        mask = (offs_d * 0 + n) < n_state if MASK_N else None
+        if ATOMIC:
+            tl.atomic_add(ptrs, rows[n], mask=mask, sem="relaxed")
+        else:
+            tl.store(ptrs, rows[n], mask=mask)
+
+
+@triton.jit
+def _load_scratch(rows_ptr, BN: tl.constexpr):
+    """(BN, BD) tile from BN rows of BD floats (a thread's own values: no barrier needed)."""
+    BD: tl.constexpr = rows_ptr.shape[0]
+    rows = ()
+    for n in tl.static_range(BN):
+        rows = rows + (tl.load(rows_ptr + n * BD),)
+    return _stack(rows)
+
+
+@triton.jit
+def _store_scratch(rows_ptr, tile):
+    BD: tl.constexpr = rows_ptr.shape[0]
+    rows = _unstack(tile)
+    for n in tl.static_range(len(rows)):
+        tl.store(rows_ptr + n * BD, rows[n])
+
+
+@triton.jit
+def _load_bc_tile(base, stride_n, p, mask_t, zero_d, n_state, BN: tl.constexpr, MASK_N: tl.constexpr):
+    """(BN, BD, BT) float32 tile of B or C at positions p (BT,): a (BD, BT) load per state (BT
+    positions a vector load, the same values for every channel), stacked."""
+    rows = ()
+    for n in tl.static_range(BN):
+        mask = mask_t[None, :]
+        if MASK_N:
+            mask = mask & ((zero_d[:, None] + n) < n_state)
+        rows = rows + (tl.load(base + n * stride_n + (p[None, :] + zero_d[:, None]), mask=mask,
+                               other=0.0).to(tl.float32),)
+    return _stack(rows)
+
+
+@triton.jit
+def _load_bc(base, stride_n, p, mask_t, zero_d, n_state, BN: tl.constexpr, BT: tl.constexpr,
+             MASK_N: tl.constexpr):
+    """The BT columns, each (BN, BD), of B or C at positions p (BT,)."""
+    return _columns(_load_bc_tile(base, stride_n, p, mask_t, zero_d, n_state, BN, MASK_N), BT)
+
+
+@triton.jit
+def _positions(chunk, sub, n_chunks, n_sub, offs_t, REVERSE: tl.constexpr, BT: tl.constexpr):
+    """Memory positions (BT,) of sub-tile ``sub`` of chunk ``chunk``, both counted in scan
+    order. Chunks and sub-tiles are aligned in memory; a reverse scan walks them from the
+    end (and each sub-tile's columns from its last)."""
+    if REVERSE:
+        return ((n_chunks - 1 - chunk) * n_sub + (n_sub - 1 - sub)) * BT + offs_t
+    else:
+        return (chunk * n_sub + sub) * BT + offs_t
+
+
+@triton.jit
+def _steps(raw, mask_t, dbias, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(BD, BT) raw delta -> (raw + bias, step delta); positions outside [0, L) get step 0,
+    which makes them the identity of the recurrence (decay 1, input 0)."""
     if HAS_DBIAS:
-        raw = raw + dbias[None, :]
+        raw = raw + dbias[:, None]
     if SOFTPLUS:
         dt = _softplus(raw)
     else:
         dt = raw
-    return raw, tl.where(mask_t[:, None], dt, 0.0)
+    return raw, tl.where(mask_t[None, :], dt, 0.0)
 
 
 @triton.jit
-def _advance(h, dt, u, Bt, A2):
-    """The (BN, BD) state after a sub-tile from the state h before it, as a sum over the
-    sub-tile (no scan): exp(A sum delta) h + sum_t exp(A * delta summed after t) x_t; also the
-    sub-tile's sum of delta (BD,)."""
-    total = tl.sum(dt, axis=0)  # (BD,)
-    after = tl.cumsum(dt, axis=0, reverse=True) - dt  # (BT, BD): delta summed after t
-    w = tl.exp2(after[:, None, :] * A2[None, :, :])  # (BT, BN, BD)
-    x = (dt * u)[:, None, :] * Bt[:, :, None]
-    return tl.exp2(A2 * total[None, :]) * h + tl.sum(w * x, axis=0), total
+def _shfl_xor(x, lane_mask):
+    # the value held by the lane whose id differs from this one's by the bits of lane_mask
+    return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=f,f,r",
+                                     [x, lane_mask], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _lane_id(like):
+    # the lane of each element's thread (``like`` only gives the shape)
+    return tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _halve(x, lane, M: tl.constexpr):
+    """One step of a transposing sum over the lanes of a warp: x (K, BD), K values per thread.
+    Lanes whose id has bit M keep the upper half of the rows and hand the lower half to the
+    lane that differs in that bit, the others the reverse; returns the kept rows (K/2, BD),
+    summed over the pair. ``lane`` (1, BD): the lane of each column's thread."""
+    lo, hi = _halves(x)
+    upper = (lane & M) != 0
+    keep = tl.where(upper, hi, lo)
+    send = tl.where(upper, lo, hi)
+    return keep + _shfl_xor(send, tl.full(send.shape, M, tl.int32))
+
+
+@triton.jit
+def _add_state_sums(dB_t, dC_t, dB_base, dC_base, p, L, FAST: tl.constexpr, LANES_D: tl.constexpr):
+    """dB[p, n] += sum over the tile's channels of dB_t[n, :] (BN, BD), the same for dC, at one
+    position p (nothing when p >= L); dB and dC laid out (L, BN). FAST: inside each warp a
+    transposing exchange over the LANES_D lanes that hold different channels (each exchange
+    halves the values a thread holds, instead of one exchange per value and level) leaves
+    each lane with a share of the sums, each added atomically; the warps of a program add
+    theirs separately. Otherwise Triton's reduction and one atomic per state."""
+    BN: tl.constexpr = dB_t.shape[0]
+    if FAST:
+        BD: tl.constexpr = dB_t.shape[1]
+        lane = _lane_id(tl.zeros((1, BD), tl.int32))
+        x = _cat(dB_t, dC_t)  # (2 BN, BD): the dB rows, then the dC rows
+        if LANES_D > 16:
+            x = _halve(x, lane, 16)
+        if LANES_D > 8:
+            x = _halve(x, lane, 8)
+        if LANES_D > 4:
+            x = _halve(x, lane, 4)
+        if LANES_D > 2:
+            x = _halve(x, lane, 2)
+        if LANES_D > 1:
+            x = _halve(x, lane, 1)
+        R: tl.constexpr = x.shape[0]
+        # row r of lane l now sums row (l mod LANES_D) * R + r of (dB; dC)
+        k = (lane & (LANES_D - 1)) * R + tl.arange(0, R)[:, None]
+        base = tl.where(k < BN, dB_base, dC_base)
+        tl.atomic_add(base + (p * BN + k % BN), x, mask=k * 0 + p < L, sem="relaxed")
+    else:
+        offs_n = tl.arange(0, BN)
+        mask = offs_n * 0 + p < L
+        tl.atomic_add(dB_base + (p * BN + offs_n), tl.sum(dB_t, axis=1), mask=mask, sem="relaxed")
+        tl.atomic_add(dC_base + (p * BN + offs_n), tl.sum(dC_t, axis=1), mask=mask, sem="relaxed")
 
 
 # ---------------------------------------------------------------------------------------------
 # forward kernels
-#
-# Tiles are oriented (BT, BN, BD): positions, states, channels. Triton's default layout gives
-# the channels to the lanes of a warp, the states to the warps and keeps the BT positions of a
-# (state, channel) pair in one thread's registers, so the scan along positions and the sums
-# over states need no shuffles. Every loop loads the next sub-tile's inputs before it works on
-# the current one, so that memory latency overlaps the arithmetic.
 
 
 @triton.jit
-def _chunk_state_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, dbias_ptr, hloc_ptr, dsum_ptr,
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, h0_ptr, hend_ptr, dsum_ptr, out_ptr,
     L, dim, n_state, dim_per_group, n_sub, n_chunks,
     stride_ub, stride_ud, stride_db, stride_dd, stride_Bb, stride_Bg, stride_Bn,
-    HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
-    BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
+    stride_zb, stride_zd, stride_ob, stride_od,
+    STATE_ONLY: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, REVERSE: tl.constexpr, MASK_N: tl.constexpr,
+    PREFETCH: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
+    J0: tl.constexpr, J1: tl.constexpr, JS: tl.constexpr,
 ):
+    # STATE_ONLY: the chunk's end state from a zero start (hend) and its sum of delta (dsum).
+    # Otherwise: from the true state entering the chunk (h0 or hend of the chunk before), the
+    # outputs. J0, J1, JS: a sub-tile's columns in scan order, static_range(J0, J1, JS).
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    offs_j = tl.arange(0, BT)
-    mask_n = offs_n < n_state
-    A2 = tl.load(A_ptr + offs_d[None, :] * n_state + offs_n[:, None], mask=mask_n[:, None], other=0.0) * LOG2E
+    offs_t = tl.arange(0, BT)
+    A2 = _load_states(A_ptr, offs_d, n_state, BN, MASK_N) * LOG2E  # (BN, BD)
     dbias = tl.zeros((BD,), tl.float32)
     if HAS_DBIAS:
         dbias = tl.load(dbias_ptr + offs_d).to(tl.float32)
+    Dv = tl.zeros((BD,), tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d).to(tl.float32)
     group = (pid_d * BD) // dim_per_group
-    u_cols = u_ptr + pid_b * stride_ub + offs_d[None, :] * stride_ud
-    delta_cols = delta_ptr + pid_b * stride_db + offs_d[None, :] * stride_dd
-    B_cols = B_ptr + pid_b * stride_Bb + group * stride_Bg + offs_n[None, :] * stride_Bn
+    u_rows = u_ptr + pid_b * stride_ub + offs_d[:, None] * stride_ud  # (BD, 1)
+    delta_rows = delta_ptr + pid_b * stride_db + offs_d[:, None] * stride_dd
+    z_rows = z_ptr + pid_b * stride_zb + offs_d[:, None] * stride_zd
+    out_rows = out_ptr + pid_b * stride_ob + offs_d[:, None] * stride_od
+    # B and C have the same strides
+    B_base = B_ptr + pid_b * stride_Bb + group * stride_Bg
+    C_base = C_ptr + pid_b * stride_Bb + group * stride_Bg
+    zero_d = offs_d * 0
 
-    h = tl.zeros((BN, BD), tl.float32)
-    dsum = tl.zeros((BD,), tl.float32)
-    t_lo = pid_c * n_sub * BT
-    t_hi = tl.minimum(L, t_lo + n_sub * BT)
-    pos, mask_t = _tile(pid_c * n_sub, t_lo, t_hi, L, offs_j, REVERSE, BT)
-    raw_n, u_n, B_n = _load_rows(delta_cols, pos, mask_t), _load_rows(u_cols, pos, mask_t), \
-        _load_states(B_cols, pos, mask_t, mask_n)
+    if STATE_ONLY:
+        h = tl.zeros((BN, BD), tl.float32)
+        dsum = tl.zeros((BD,), tl.float32)
+    elif pid_c == 0:
+        if HAS_H0:
+            h = _load_states(h0_ptr + pid_b * dim * n_state, offs_d, n_state, BN, MASK_N)
+        else:
+            h = tl.zeros((BN, BD), tl.float32)
+    else:
+        h = _load_states(hend_ptr + (pid_b * n_chunks + pid_c - 1) * dim * n_state, offs_d, n_state, BN, MASK_N)
+    # PREFETCH: the next sub-tile's inputs are loaded before the current one is worked on
+    p_n = _positions(pid_c, 0, n_chunks, n_sub, offs_t, REVERSE, BT)  # (BT,)
+    mask_n_t = p_n < L
+    if PREFETCH:
+        raw_n = tl.load(delta_rows + p_n[None, :], mask=mask_n_t[None, :], other=0.0).to(tl.float32)
+        u_n = tl.load(u_rows + p_n[None, :], mask=mask_n_t[None, :], other=0.0).to(tl.float32)
+        B_n = _load_bc_tile(B_base, stride_Bn, p_n, mask_n_t, zero_d, n_state, BN, MASK_N)
+        if not STATE_ONLY:
+            C_n = _load_bc_tile(C_base, stride_Bn, p_n, mask_n_t, zero_d, n_state, BN, MASK_N)
     for s in range(0, n_sub):
-        raw, u, Bt, mask_c = raw_n, u_n, B_n, mask_t
-        pos, mask_t = _tile(pid_c * n_sub + s + 1, t_lo, t_hi, L, offs_j, REVERSE, BT)
-        raw_n, u_n, B_n = _load_rows(delta_cols, pos, mask_t), _load_rows(u_cols, pos, mask_t), \
-            _load_states(B_cols, pos, mask_t, mask_n)
-        _, dt = _step(raw, mask_c, dbias, HAS_DBIAS, SOFTPLUS)  # (BT, BD)
-        h, total = _advance(h, dt, u, Bt, A2)
-        dsum += total
-    row = (pid_b * n_chunks + pid_c) * dim + offs_d
-    tl.store(hloc_ptr + row[None, :] * n_state + offs_n[:, None], h, mask=mask_n[:, None])
-    tl.store(dsum_ptr + row, dsum)
+        p = p_n
+        mask_t = mask_n_t
+        mask_dt = mask_t[None, :]
+        p_n = _positions(pid_c, s + 1, n_chunks, n_sub, offs_t, REVERSE, BT)
+        mask_n_t = (p_n < L) & (p_n * 0 + s + 1 < n_sub)
+        if PREFETCH:
+            raw_c, u, B_t = raw_n, u_n, B_n
+            if not STATE_ONLY:
+                C_t = C_n
+            raw_n = tl.load(delta_rows + p_n[None, :], mask=mask_n_t[None, :], other=0.0).to(tl.float32)
+            u_n = tl.load(u_rows + p_n[None, :], mask=mask_n_t[None, :], other=0.0).to(tl.float32)
+            B_n = _load_bc_tile(B_base, stride_Bn, p_n, mask_n_t, zero_d, n_state, BN, MASK_N)
+            if not STATE_ONLY:
+                C_n = _load_bc_tile(C_base, stride_Bn, p_n, mask_n_t, zero_d, n_state, BN, MASK_N)
+        else:
+            raw_c = tl.load(delta_rows + p[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+            u = tl.load(u_rows + p[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+            B_t = _load_bc_tile(B_base, stride_Bn, p, mask_t, zero_d, n_state, BN, MASK_N)
+            if not STATE_ONLY:
+                C_t = _load_bc_tile(C_base, stride_Bn, p, mask_t, zero_d, n_state, BN, MASK_N)
+        raw, dt = _steps(raw_c, mask_t, dbias, HAS_DBIAS, SOFTPLUS)  # (BD, BT)
+        dts = _columns(dt, BT)
+        xs = _columns(dt * u, BT)
+        Bs = _columns(B_t, BT)  # BT x (BN, BD)
+        if STATE_ONLY:
+            for j in tl.static_range(J0, J1, JS):
+                h = tl.exp2(dts[j][None, :] * A2) * h + xs[j][None, :] * Bs[j]
+            dsum += tl.sum(dt, axis=1)
+        else:
+            Cs = _columns(C_t, BT)
+            y = tl.zeros((BD, BT), tl.float32)
+            for j in tl.static_range(J0, J1, JS):
+                h = tl.exp2(dts[j][None, :] * A2) * h + xs[j][None, :] * Bs[j]
+                y = _put(y, tl.sum(h * Cs[j], axis=0), j, offs_t)
+            if HAS_D:
+                y += Dv[:, None] * u
+            if HAS_Z:
+                z = tl.load(z_rows + p[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+                y = y * z * tl.sigmoid(z)
+            tl.store(out_rows + p[None, :], y.to(out_ptr.dtype.element_ty), mask=mask_dt)
+    if STATE_ONLY:
+        row = pid_b * n_chunks + pid_c
+        _store_states(hend_ptr + row * dim * n_state, offs_d, n_state, h, MASK_N)
+        tl.store(dsum_ptr + row * dim + offs_d, dsum)
 
 
 @triton.jit
@@ -246,75 +508,6 @@ def _chunk_carry_kernel(
         carry = tl.sum(tl.where(last, H, 0.0), axis=0)
 
 
-@triton.jit
-def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, h0_ptr, hend_ptr, out_ptr,
-    L, dim, n_state, dim_per_group, n_sub, n_chunks,
-    stride_ub, stride_ud, stride_db, stride_dd, stride_Bb, stride_Bg, stride_Bn,
-    stride_Cb, stride_Cg, stride_Cn, stride_zb, stride_zd, stride_ob, stride_od,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
-    BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
-):
-    pid_c = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    offs_j = tl.arange(0, BT)
-    mask_n = offs_n < n_state
-    A2 = tl.load(A_ptr + offs_d[None, :] * n_state + offs_n[:, None], mask=mask_n[:, None], other=0.0) * LOG2E
-    dbias = tl.zeros((BD,), tl.float32)
-    if HAS_DBIAS:
-        dbias = tl.load(dbias_ptr + offs_d).to(tl.float32)
-    Dv = tl.zeros((BD,), tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d).to(tl.float32)
-    group = (pid_d * BD) // dim_per_group
-    u_cols = u_ptr + pid_b * stride_ub + offs_d[None, :] * stride_ud
-    delta_cols = delta_ptr + pid_b * stride_db + offs_d[None, :] * stride_dd
-    z_cols = z_ptr + pid_b * stride_zb + offs_d[None, :] * stride_zd
-    out_cols = out_ptr + pid_b * stride_ob + offs_d[None, :] * stride_od
-    B_cols = B_ptr + pid_b * stride_Bb + group * stride_Bg + offs_n[None, :] * stride_Bn
-    C_cols = C_ptr + pid_b * stride_Cb + group * stride_Cg + offs_n[None, :] * stride_Cn
-    state_ptrs = offs_d[None, :] * n_state + offs_n[:, None]  # (BN, BD)
-
-    # (BN, BD) state entering the chunk
-    if pid_c == 0:
-        if HAS_H0:
-            h = tl.load(h0_ptr + pid_b * dim * n_state + state_ptrs, mask=mask_n[:, None], other=0.0).to(tl.float32)
-        else:
-            h = tl.zeros((BN, BD), tl.float32)
-    else:
-        h = tl.load(hend_ptr + (pid_b * n_chunks + pid_c - 1) * dim * n_state + state_ptrs,
-                    mask=mask_n[:, None], other=0.0)
-    first = offs_j[:, None, None] == 0
-    last = offs_j[:, None, None] == BT - 1
-    t_lo = pid_c * n_sub * BT
-    t_hi = tl.minimum(L, t_lo + n_sub * BT)
-    pos, mask_t = _tile(pid_c * n_sub, t_lo, t_hi, L, offs_j, REVERSE, BT)
-    raw_n, u_n = _load_rows(delta_cols, pos, mask_t), _load_rows(u_cols, pos, mask_t)
-    B_n, C_n = _load_states(B_cols, pos, mask_t, mask_n), _load_states(C_cols, pos, mask_t, mask_n)
-    for s in range(0, n_sub):
-        raw, u, Bt, Ct, pos_c, mask_c = raw_n, u_n, B_n, C_n, pos, mask_t
-        pos, mask_t = _tile(pid_c * n_sub + s + 1, t_lo, t_hi, L, offs_j, REVERSE, BT)
-        raw_n, u_n = _load_rows(delta_cols, pos, mask_t), _load_rows(u_cols, pos, mask_t)
-        B_n, C_n = _load_states(B_cols, pos, mask_t, mask_n), _load_states(C_cols, pos, mask_t, mask_n)
-        _, dt = _step(raw, mask_c, dbias, HAS_DBIAS, SOFTPLUS)  # (BT, BD)
-        a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (BT, BN, BD)
-        x = (dt * u)[:, None, :] * Bt[:, :, None]
-        x = tl.where(first, x + a * h[None, :, :], x)
-        _, hs = tl.associative_scan((a, x), 0, _affine_combine)  # (BT, BN, BD) states
-        y = tl.sum(hs * Ct[:, :, None], axis=1)  # (BT, BD)
-        if HAS_D:
-            y += Dv[None, :] * u
-        if HAS_Z:
-            z = _load_rows(z_cols, pos_c, mask_c)
-            y = y * z * tl.sigmoid(z)
-        tl.store(out_cols + pos_c[:, None], y.to(out_ptr.dtype.element_ty), mask=mask_c[:, None])
-        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
-
-
 # ---------------------------------------------------------------------------------------------
 # backward kernels
 
@@ -325,85 +518,77 @@ def _chunk_adjoint_kernel(
     L, dim, n_state, dim_per_group, n_sub, n_chunks,
     stride_ob, stride_od, stride_zb, stride_zd, stride_db, stride_dd, stride_Cb, stride_Cg, stride_Cn,
     HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
-    BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
+    MASK_N: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
+    J0: tl.constexpr, J1: tl.constexpr, JS: tl.constexpr,
 ):
+    # the adjoint leaving the chunk's start with no carry from the right:
+    # sum_t P_t C_t dy_t, P_t the product of the decays from the chunk start to t inclusive
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    offs_j = tl.arange(0, BT)
-    mask_n = offs_n < n_state
-    A2 = tl.load(A_ptr + offs_d[None, :] * n_state + offs_n[:, None], mask=mask_n[:, None], other=0.0) * LOG2E
+    offs_t = tl.arange(0, BT)
+    A2 = _load_states(A_ptr, offs_d, n_state, BN, MASK_N) * LOG2E  # (BN, BD)
     dbias = tl.zeros((BD,), tl.float32)
     if HAS_DBIAS:
         dbias = tl.load(dbias_ptr + offs_d).to(tl.float32)
     group = (pid_d * BD) // dim_per_group
-    dout_cols = dout_ptr + pid_b * stride_ob + offs_d[None, :] * stride_od
-    z_cols = z_ptr + pid_b * stride_zb + offs_d[None, :] * stride_zd
-    delta_cols = delta_ptr + pid_b * stride_db + offs_d[None, :] * stride_dd
-    C_cols = C_ptr + pid_b * stride_Cb + group * stride_Cg + offs_n[None, :] * stride_Cn
+    dout_rows = dout_ptr + pid_b * stride_ob + offs_d[:, None] * stride_od
+    z_rows = z_ptr + pid_b * stride_zb + offs_d[:, None] * stride_zd
+    delta_rows = delta_ptr + pid_b * stride_db + offs_d[:, None] * stride_dd
+    C_base = C_ptr + pid_b * stride_Cb + group * stride_Cg
+    zero_d = offs_d * 0
 
     g = tl.zeros((BN, BD), tl.float32)
-    before = tl.zeros((BD,), tl.float32)  # delta summed over the chunk's earlier sub-tiles
-    t_lo = pid_c * n_sub * BT
-    t_hi = tl.minimum(L, t_lo + n_sub * BT)
-    pos, mask_t = _tile(pid_c * n_sub, t_lo, t_hi, L, offs_j, REVERSE, BT)
-    raw_n, dy_n, C_n = _load_rows(delta_cols, pos, mask_t), _load_rows(dout_cols, pos, mask_t), \
-        _load_states(C_cols, pos, mask_t, mask_n)
-    if HAS_Z:
-        z_n = _load_rows(z_cols, pos, mask_t)
+    P = tl.full((BN, BD), 1.0, tl.float32)
     for s in range(0, n_sub):
-        raw, dy, Ct, mask_c = raw_n, dy_n, C_n, mask_t
+        p = _positions(pid_c, s, n_chunks, n_sub, offs_t, REVERSE, BT)
+        mask_t = p < L
+        mask_dt = mask_t[None, :]
+        _, dt = _steps(tl.load(delta_rows + p[None, :], mask=mask_dt, other=0.0).to(tl.float32), mask_t,
+                       dbias, HAS_DBIAS, SOFTPLUS)
+        dy = tl.load(dout_rows + p[None, :], mask=mask_dt, other=0.0).to(tl.float32)
         if HAS_Z:
-            z = z_n
-        pos, mask_t = _tile(pid_c * n_sub + s + 1, t_lo, t_hi, L, offs_j, REVERSE, BT)
-        raw_n, dy_n, C_n = _load_rows(delta_cols, pos, mask_t), _load_rows(dout_cols, pos, mask_t), \
-            _load_states(C_cols, pos, mask_t, mask_n)
-        if HAS_Z:
-            z_n = _load_rows(z_cols, pos, mask_t)
+            z = tl.load(z_rows + p[None, :], mask=mask_dt, other=0.0).to(tl.float32)
             dy = dy * z * tl.sigmoid(z)
-        _, dt = _step(raw, mask_c, dbias, HAS_DBIAS, SOFTPLUS)  # (BT, BD)
-        upto = before[None, :] + tl.cumsum(dt, axis=0)  # (BT, BD): delta summed from chunk start to t
-        w = tl.exp2(upto[:, None, :] * A2[None, :, :])  # (BT, BN, BD)
-        g += tl.sum(w * (Ct[:, :, None] * dy[:, None, :]), axis=0)
-        before += tl.sum(dt, axis=0)
-    row = (pid_b * n_chunks + pid_c) * dim + offs_d
-    tl.store(gloc_ptr + row[None, :] * n_state + offs_n[:, None], g, mask=mask_n[:, None])
+        dts = _columns(dt, BT)
+        dys = _columns(dy, BT)
+        Cs = _load_bc(C_base, stride_Cn, p, mask_t, zero_d, n_state, BN, BT, MASK_N)
+        for j in tl.static_range(J0, J1, JS):
+            P = P * tl.exp2(dts[j][None, :] * A2)
+            g += P * (Cs[j] * dys[j][None, :])
+    _store_states(gloc_ptr + (pid_b * n_chunks + pid_c) * dim * n_state, offs_d, n_state, g, MASK_N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_scratch"])
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, dout_ptr,
     h0_ptr, hend_ptr, gcarry_ptr, dlast_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr,
-    L, dim, n_state, dim_per_group, n_sub, n_chunks, n_dblocks, n_items, seg_len, n_seg,
+    L, dim, n_state, dim_per_group, n_sub, n_chunks, n_dblocks, n_items, seg_len, n_seg, stride_scratch,
     stride_ub, stride_ud, stride_db, stride_dd, stride_Bb, stride_Bg, stride_Bn,
-    stride_Cb, stride_Cg, stride_Cn, stride_zb, stride_zd, stride_ob, stride_od,
-    stride_gb, stride_gg, stride_gn, stride_dub, stride_dud, stride_ddb, stride_ddd, stride_dzb, stride_dzd,
+    stride_zb, stride_zd, stride_ob, stride_od,
+    stride_gb, stride_gg, stride_dub, stride_dud, stride_ddb, stride_ddd, stride_dzb, stride_dzd,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_DLAST: tl.constexpr, REVERSE: tl.constexpr,
-    BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_DLAST: tl.constexpr, REVERSE: tl.constexpr, MASK_N: tl.constexpr,
+    FAST_REDUCE: tl.constexpr, LANES_D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
+    J0: tl.constexpr, J1: tl.constexpr, JS: tl.constexpr,
 ):
-    # Persistent: each program takes chunks pid, pid + n_programs, ... Its scratch rows hold
-    # (n_seg + seg_len) states of (BN, BD): the start state of every segment of seg_len
-    # sub-tiles of the chunk, then the start states of the sub-tiles of the segment at hand.
+    # Persistent: each program takes items pid, pid + n_programs, ... (an item is a chunk of a
+    # channel block). Its scratch holds (n_seg + seg_len) states of BN rows of BD: the start
+    # state of every segment of seg_len sub-tiles of the chunk, then the start states of the
+    # sub-tiles of the segment at hand. stride_scratch (1 at run time, unspecialised) keeps
+    # Triton from vectorising the rows, so that a thread reads back the values it wrote.
     pid = tl.program_id(0)
     offs_dl = tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    offs_j = tl.arange(0, BT)
-    mask_n = offs_n < n_state
-    first = offs_j[:, None, None] == 0
-    last = offs_j[:, None, None] == BT - 1
-    scratch_tile = (scratch_ptr + pid.to(tl.int64) * (n_seg + seg_len) * BN * BD
-                    + offs_n[:, None] * BD + offs_dl[None, :])
+    offs_t = tl.arange(0, BT)
+    scratch_rows = scratch_ptr + pid.to(tl.int64) * (n_seg + seg_len) * BN * BD + offs_dl * stride_scratch  # (BD,)
     for item in range(pid, n_items, tl.num_programs(0)):
         pid_c = item % n_chunks
         pid_d = (item // n_chunks) % n_dblocks
         pid_b = (item // (n_chunks * n_dblocks)).to(tl.int64)
         offs_d = pid_d * BD + offs_dl
-        A = tl.load(A_ptr + offs_d[None, :] * n_state + offs_n[:, None], mask=mask_n[:, None], other=0.0)  # (BN, BD)
-        A2 = A * LOG2E
+        A2 = _load_states(A_ptr, offs_d, n_state, BN, MASK_N) * LOG2E  # (BN, BD)
         dbias = tl.zeros((BD,), tl.float32)
         if HAS_DBIAS:
             dbias = tl.load(dbias_ptr + offs_d).to(tl.float32)
@@ -411,159 +596,168 @@ def _scan_bwd_kernel(
         if HAS_D:
             Dv = tl.load(D_ptr + offs_d).to(tl.float32)
         group = (pid_d * BD) // dim_per_group
-        u_cols = u_ptr + pid_b * stride_ub + offs_d[None, :] * stride_ud
-        delta_cols = delta_ptr + pid_b * stride_db + offs_d[None, :] * stride_dd
-        z_cols = z_ptr + pid_b * stride_zb + offs_d[None, :] * stride_zd
-        dout_cols = dout_ptr + pid_b * stride_ob + offs_d[None, :] * stride_od
-        du_cols = du_ptr + pid_b * stride_dub + offs_d[None, :] * stride_dud
-        ddelta_cols = ddelta_ptr + pid_b * stride_ddb + offs_d[None, :] * stride_ddd
-        dz_cols = dz_ptr + pid_b * stride_dzb + offs_d[None, :] * stride_dzd
-        B_cols = B_ptr + pid_b * stride_Bb + group * stride_Bg + offs_n[None, :] * stride_Bn
-        C_cols = C_ptr + pid_b * stride_Cb + group * stride_Cg + offs_n[None, :] * stride_Cn
-        dB_cols = dB_ptr + pid_b * stride_gb + group * stride_gg + offs_n[None, :] * stride_gn
-        dC_cols = dC_ptr + pid_b * stride_gb + group * stride_gg + offs_n[None, :] * stride_gn
-        state_ptrs = offs_d[None, :] * n_state + offs_n[:, None]  # (BN, BD)
+        u_rows = u_ptr + pid_b * stride_ub + offs_d[:, None] * stride_ud  # (BD, 1)
+        delta_rows = delta_ptr + pid_b * stride_db + offs_d[:, None] * stride_dd
+        z_rows = z_ptr + pid_b * stride_zb + offs_d[:, None] * stride_zd
+        dout_rows = dout_ptr + pid_b * stride_ob + offs_d[:, None] * stride_od
+        du_rows = du_ptr + pid_b * stride_dub + offs_d[:, None] * stride_dud
+        ddelta_rows = ddelta_ptr + pid_b * stride_ddb + offs_d[:, None] * stride_ddd
+        dz_rows = dz_ptr + pid_b * stride_dzb + offs_d[:, None] * stride_dzd
+        B_base = B_ptr + pid_b * stride_Bb + group * stride_Bg
+        C_base = C_ptr + pid_b * stride_Bb + group * stride_Bg
+        zero_d = offs_d * 0
+        # dB and dC: (batch, groups, L, BN)
+        dB_base = dB_ptr + pid_b * stride_gb + group * stride_gg
+        dC_base = dC_ptr + pid_b * stride_gb + group * stride_gg
 
-        # phase 1: start state of every segment of the chunk -> scratch rows [0, n_seg)
+        # phase 1: start state of every segment of the chunk -> scratch slots [0, n_seg)
         if pid_c == 0:
             if HAS_H0:
-                h = tl.load(h0_ptr + pid_b * dim * n_state + state_ptrs, mask=mask_n[:, None],
-                            other=0.0).to(tl.float32)
+                h = _load_states(h0_ptr + pid_b * dim * n_state, offs_d, n_state, BN, MASK_N)
             else:
                 h = tl.zeros((BN, BD), tl.float32)
         else:
-            h = tl.load(hend_ptr + (pid_b * n_chunks + pid_c - 1) * dim * n_state + state_ptrs,
-                        mask=mask_n[:, None], other=0.0)
-        t_lo = pid_c * n_sub * BT
-        t_hi = tl.minimum(L, t_lo + n_sub * BT)
-        pos, mask_t = _tile(pid_c * n_sub, t_lo, t_hi, L, offs_j, REVERSE, BT)
-        raw_n, u_n, B_n = _load_rows(delta_cols, pos, mask_t), _load_rows(u_cols, pos, mask_t), \
-            _load_states(B_cols, pos, mask_t, mask_n)
+            h = _load_states(hend_ptr + (pid_b * n_chunks + pid_c - 1) * dim * n_state, offs_d, n_state, BN,
+                             MASK_N)
         for s in range(0, n_sub):
-            raw, u, Bt, mask_c = raw_n, u_n, B_n, mask_t
-            pos, mask_t = _tile(pid_c * n_sub + s + 1, t_lo, t_hi, L, offs_j, REVERSE, BT)
-            raw_n, u_n, B_n = _load_rows(delta_cols, pos, mask_t), _load_rows(u_cols, pos, mask_t), \
-                _load_states(B_cols, pos, mask_t, mask_n)
             if s % seg_len == 0:
-                tl.store(scratch_tile + (s // seg_len) * BN * BD, h)
-            _, dt = _step(raw, mask_c, dbias, HAS_DBIAS, SOFTPLUS)
-            h, _ = _advance(h, dt, u, Bt, A2)
+                _store_scratch(scratch_rows + (s // seg_len) * BN * BD, h)
+            p = _positions(pid_c, s, n_chunks, n_sub, offs_t, REVERSE, BT)
+            mask_t = p < L
+            _, dt = _steps(tl.load(delta_rows + p[None, :], mask=mask_t[None, :], other=0.0).to(tl.float32),
+                           mask_t, dbias, HAS_DBIAS, SOFTPLUS)
+            u = tl.load(u_rows + p[None, :], mask=mask_t[None, :], other=0.0).to(tl.float32)
+            dts = _columns(dt, BT)
+            xs = _columns(dt * u, BT)
+            Bs = _load_bc(B_base, stride_Bn, p, mask_t, zero_d, n_state, BN, BT, MASK_N)
+            for j in tl.static_range(J0, J1, JS):
+                h = tl.exp2(dts[j][None, :] * A2) * h + xs[j][None, :] * Bs[j]
         tl.debug_barrier()
 
-        # phase 2: segments from last to first, the adjoint carried leftwards
+        # phase 2: segments from last to first; q = a_{t+1} g_{t+1} carries the adjoint leftwards
         if pid_c == n_chunks - 1:
             if HAS_DLAST:
-                carry = tl.load(dlast_ptr + pid_b * dim * n_state + state_ptrs, mask=mask_n[:, None],
-                                other=0.0).to(tl.float32)
+                q = _load_states(dlast_ptr + pid_b * dim * n_state, offs_d, n_state, BN, MASK_N)
             else:
-                carry = tl.zeros((BN, BD), tl.float32)
+                q = tl.zeros((BN, BD), tl.float32)
         else:
-            carry = tl.load(gcarry_ptr + (pid_b * n_chunks + pid_c + 1) * dim * n_state + state_ptrs,
-                            mask=mask_n[:, None], other=0.0)
+            q = _load_states(gcarry_ptr + (pid_b * n_chunks + pid_c + 1) * dim * n_state, offs_d, n_state, BN,
+                             MASK_N)
         dA_acc = tl.zeros((BN, BD), tl.float32)
         dD_acc = tl.zeros((BD,), tl.float32)
         ddbias_acc = tl.zeros((BD,), tl.float32)
-        for j in range(0, n_seg):
-            seg = n_seg - 1 - j
+        for jseg in range(0, n_seg):
+            seg = n_seg - 1 - jseg
             s_first = seg * seg_len
             n_here = tl.minimum(seg_len, n_sub - s_first)
-            # start states of the segment's sub-tiles -> scratch rows [n_seg, n_seg + n_here)
-            h = tl.load(scratch_tile + seg * BN * BD)
-            seg_lo = (pid_c * n_sub + s_first) * BT
-            seg_hi = tl.minimum(L, seg_lo + n_here * BT)
-            pos, mask_t = _tile(pid_c * n_sub + s_first, seg_lo, seg_hi, L, offs_j, REVERSE, BT)
-            raw_n, u_n, B_n = _load_rows(delta_cols, pos, mask_t), _load_rows(u_cols, pos, mask_t), \
-                _load_states(B_cols, pos, mask_t, mask_n)
+            # start states of the segment's sub-tiles -> scratch slots [n_seg, n_seg + n_here)
+            h = _load_scratch(scratch_rows + seg * BN * BD, BN)
             for i in range(0, n_here):
-                raw, u, Bt, mask_c = raw_n, u_n, B_n, mask_t
-                pos, mask_t = _tile(pid_c * n_sub + s_first + i + 1, seg_lo, seg_hi, L, offs_j, REVERSE, BT)
-                raw_n, u_n, B_n = _load_rows(delta_cols, pos, mask_t), _load_rows(u_cols, pos, mask_t), \
-                    _load_states(B_cols, pos, mask_t, mask_n)
-                tl.store(scratch_tile + (n_seg + i) * BN * BD, h)
-                _, dt = _step(raw, mask_c, dbias, HAS_DBIAS, SOFTPLUS)
-                h, _ = _advance(h, dt, u, Bt, A2)
+                _store_scratch(scratch_rows + (n_seg + i) * BN * BD, h)
+                p = _positions(pid_c, s_first + i, n_chunks, n_sub, offs_t, REVERSE, BT)
+                mask_t = p < L
+                _, dt = _steps(tl.load(delta_rows + p[None, :], mask=mask_t[None, :], other=0.0).to(tl.float32),
+                               mask_t, dbias, HAS_DBIAS, SOFTPLUS)
+                u = tl.load(u_rows + p[None, :], mask=mask_t[None, :], other=0.0).to(tl.float32)
+                dts = _columns(dt, BT)
+                xs = _columns(dt * u, BT)
+                Bs = _load_bc(B_base, stride_Bn, p, mask_t, zero_d, n_state, BN, BT, MASK_N)
+                for j in tl.static_range(J0, J1, JS):
+                    h = tl.exp2(dts[j][None, :] * A2) * h + xs[j][None, :] * Bs[j]
             tl.debug_barrier()
 
-            # the segment's sub-tiles from last to first; the inputs of the one before are
-            # loaded while the current one is worked on
-            tile_last = pid_c * n_sub + s_first + n_here - 1
-            pos, mask_t = _tile(tile_last, seg_lo, seg_hi, L, offs_j, REVERSE, BT)
-            pos_nx, mask_nx = _tile(tile_last, seg_lo, seg_hi, L, offs_j, REVERSE, BT, 1)  # one step later
-            raw_n, rawnx_n, u_n = _load_rows(delta_cols, pos, mask_t), _load_rows(delta_cols, pos_nx, mask_nx), \
-                _load_rows(u_cols, pos, mask_t)
-            dout_n, B_n, C_n = _load_rows(dout_cols, pos, mask_t), _load_states(B_cols, pos, mask_t, mask_n), \
-                _load_states(C_cols, pos, mask_t, mask_n)
-            if HAS_Z:
-                z_n = _load_rows(z_cols, pos, mask_t)
+            # the segment's sub-tiles from last to first
             for k in range(0, n_here):
-                raw, raw_next, u, dout, Bt, Ct, pos_c, mask_c, mask_cnx = \
-                    raw_n, rawnx_n, u_n, dout_n, B_n, C_n, pos, mask_t, mask_nx
+                i = n_here - 1 - k
+                h = _load_scratch(scratch_rows + (n_seg + i) * BN * BD, BN)  # state entering the sub-tile
+                p = _positions(pid_c, s_first + i, n_chunks, n_sub, offs_t, REVERSE, BT)
+                p0 = _positions(pid_c, s_first + i, n_chunks, n_sub, 0, REVERSE, BT)  # its first memory position
+                mask_t = p < L
+                mask_dt = mask_t[None, :]
+                raw, dt = _steps(tl.load(delta_rows + p[None, :], mask=mask_dt, other=0.0).to(tl.float32),
+                                 mask_t, dbias, HAS_DBIAS, SOFTPLUS)
+                u = tl.load(u_rows + p[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+                dout = tl.load(dout_rows + p[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+                dts = _columns(dt, BT)
+                us = _columns(u, BT)
+                xs = _columns(dt * u, BT)
+                douts = _columns(dout, BT)
+                Bs = _load_bc(B_base, stride_Bn, p, mask_t, zero_d, n_state, BN, BT, MASK_N)
+                Cs = _load_bc(C_base, stride_Bn, p, mask_t, zero_d, n_state, BN, BT, MASK_N)
                 if HAS_Z:
-                    z = z_n
-                pos, mask_t = _tile(tile_last - k - 1, seg_lo, seg_hi, L, offs_j, REVERSE, BT)
-                pos_nx, mask_nx = _tile(tile_last - k - 1, seg_lo, seg_hi, L, offs_j, REVERSE, BT, 1)
-                raw_n, rawnx_n, u_n = _load_rows(delta_cols, pos, mask_t), \
-                    _load_rows(delta_cols, pos_nx, mask_nx), _load_rows(u_cols, pos, mask_t)
-                dout_n, B_n, C_n = _load_rows(dout_cols, pos, mask_t), _load_states(B_cols, pos, mask_t, mask_n), \
-                    _load_states(C_cols, pos, mask_t, mask_n)
-                if HAS_Z:
-                    z_n = _load_rows(z_cols, pos, mask_t)
-                h_in = tl.load(scratch_tile + (n_seg + n_here - 1 - k) * BN * BD)  # (BN, BD)
-
-                raw, dt = _step(raw, mask_c, dbias, HAS_DBIAS, SOFTPLUS)  # (BT, BD)
-                _, dt_next = _step(raw_next, mask_cnx, dbias, HAS_DBIAS, SOFTPLUS)
-                a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (BT, BN, BD)
-                x = (dt * u)[:, None, :] * Bt[:, :, None]
-                _, hs = tl.associative_scan((a, tl.where(first, x + a * h_in[None, :, :], x)), 0, _affine_combine)
-
-                if HAS_Z:
-                    y = tl.sum(hs * Ct[:, :, None], axis=1)
+                    z = tl.load(z_rows + p[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+                    zs = _columns(z, BT)
+                # forward through the sub-tile, keeping every step's decay a_t, decayed previous
+                # state a_t h_{t-1} and inputs, in scan order (tuples indexed by the step)
+                decays = ()
+                decayed = ()
+                dt_s = ()
+                u_s = ()
+                x_s = ()
+                dout_s = ()
+                z_s = ()
+                B_s = ()
+                C_s = ()
+                for j in tl.static_range(J0, J1, JS):
+                    a = tl.exp2(dts[j][None, :] * A2)
+                    ah = a * h
+                    h = ah + xs[j][None, :] * Bs[j]
+                    decays = decays + (a,)
+                    decayed = decayed + (ah,)
+                    dt_s = dt_s + (dts[j],)
+                    u_s = u_s + (us[j],)
+                    x_s = x_s + (xs[j],)
+                    dout_s = dout_s + (douts[j],)
+                    B_s = B_s + (Bs[j],)
+                    C_s = C_s + (Cs[j],)
+                    if HAS_Z:
+                        z_s = z_s + (zs[j],)
+                # backward through it: step kk of the scan is memory column J0 + kk * JS
+                du_t = tl.zeros((BD, BT), tl.float32)
+                ddt_t = tl.zeros((BD, BT), tl.float32)
+                dz_t = tl.zeros((BD, BT), tl.float32)
+                for kk in tl.static_range(BT - 1, -1, -1):
+                    col = J0 + kk * JS
+                    h = decayed[kk] + x_s[kk][None, :] * B_s[kk]  # the state after the step, again
+                    if HAS_Z:
+                        zj = z_s[kk]
+                        y = tl.sum(h * C_s[kk], axis=0) + Dv * u_s[kk]
+                        sig = tl.sigmoid(zj)
+                        dz_t = _put(dz_t, dout_s[kk] * y * sig * (1.0 + zj * (1.0 - sig)), col, offs_t)
+                        dy = dout_s[kk] * zj * sig
+                    else:
+                        dy = dout_s[kk]
+                    g = C_s[kk] * dy[None, :] + q  # (BN, BD): the adjoint of the state at this step
+                    dlog = g * decayed[kk]  # d loss / d (delta A)
+                    dA_acc += dlog * dt_s[kk][None, :]
+                    gB = tl.sum(g * B_s[kk], axis=0)  # (BD,)
+                    ddt_t = _put(ddt_t, tl.sum(dlog * A2, axis=0) * LN2 + u_s[kk] * gB, col, offs_t)
+                    du = dt_s[kk] * gB
                     if HAS_D:
-                        y += Dv[None, :] * u
-                    sig = tl.sigmoid(z)
-                    dz = dout * y * sig * (1.0 + z * (1.0 - sig))
-                    tl.store(dz_cols + pos_c[:, None], dz.to(dz_ptr.dtype.element_ty), mask=mask_c[:, None])
-                    dy = dout * z * sig
-                else:
-                    dy = dout
-
-                # adjoint: g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}, the carry entering at the right
-                a_next = tl.exp2(dt_next[:, None, :] * A2[None, :, :])
-                c = Ct[:, :, None] * dy[:, None, :]
-                c = tl.where(last, c + carry[None, :, :], c)
-                _, g = tl.associative_scan((a_next, c), 0, _affine_combine, reverse=True)
-                carry = tl.sum(tl.where(first, a * g, 0.0), axis=0)
-                g = tl.where(mask_c[:, None, None], g, 0.0)
-
-                dlog = g * (hs - x)  # d loss / d (delta_t A) per state
-                dA_acc += tl.sum(dlog * dt[:, None, :], axis=0)
-                gB = tl.sum(g * Bt[:, :, None], axis=1)  # (BT, BD)
-                ddt = tl.sum(dlog * A[None, :, :], axis=1) + u * gB
-                du = dt * gB
-                if HAS_D:
-                    du += Dv[None, :] * dy
-                    dD_acc += tl.sum(dy * u, axis=0)
+                        du += Dv * dy
+                        dD_acc += dy * u_s[kk]
+                    du_t = _put(du_t, du, col, offs_t)
+                    _add_state_sums(g * x_s[kk][None, :], h * dy[None, :], dB_base, dC_base, p0 + col, L,
+                                    FAST_REDUCE, LANES_D)
+                    q = decays[kk] * g
                 if SOFTPLUS:
-                    ddt = ddt * tl.sigmoid(raw)
-                ddt = tl.where(mask_c[:, None], ddt, 0.0)
+                    ddt_t = ddt_t * tl.sigmoid(raw)
+                ddt_t = tl.where(mask_dt, ddt_t, 0.0)
                 if HAS_DBIAS:
-                    ddbias_acc += tl.sum(ddt, axis=0)
-                tl.store(du_cols + pos_c[:, None], du.to(du_ptr.dtype.element_ty), mask=mask_c[:, None])
-                tl.store(ddelta_cols + pos_c[:, None], ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_c[:, None])
-                dBt = tl.sum(g * (dt * u)[:, None, :], axis=2)  # (BT, BN)
-                dCt = tl.sum(hs * dy[:, None, :], axis=2)
-                mask_tn = mask_c[:, None] & mask_n[None, :]
-                tl.atomic_add(dB_cols + pos_c[:, None], dBt, mask=mask_tn)
-                tl.atomic_add(dC_cols + pos_c[:, None], dCt, mask=mask_tn)
-            # the next segment rewrites the sub-tile rows
+                    ddbias_acc += tl.sum(ddt_t, axis=1)
+                tl.store(du_rows + p[None, :], du_t.to(du_ptr.dtype.element_ty), mask=mask_dt)
+                tl.store(ddelta_rows + p[None, :], ddt_t.to(ddelta_ptr.dtype.element_ty), mask=mask_dt)
+                if HAS_Z:
+                    tl.store(dz_rows + p[None, :], dz_t.to(dz_ptr.dtype.element_ty), mask=mask_dt)
+            # the next segment rewrites the sub-tile slots
             tl.debug_barrier()
 
-        tl.atomic_add(dA_ptr + state_ptrs, dA_acc, mask=mask_n[:, None])
+        _store_states(dA_ptr, offs_d, n_state, dA_acc, MASK_N, ATOMIC=True)
         if HAS_D:
-            tl.atomic_add(dD_ptr + offs_d, dD_acc)
+            tl.atomic_add(dD_ptr + offs_d, dD_acc, sem="relaxed")
         if HAS_DBIAS:
-            tl.atomic_add(ddbias_ptr + offs_d, ddbias_acc)
-        # the next chunk of this program rewrites the segment rows
+            tl.atomic_add(ddbias_ptr + offs_d, ddbias_acc, sem="relaxed")
+        # the next chunk of this program rewrites the segment slots
         tl.debug_barrier()
 
 
@@ -573,38 +767,51 @@ def _scan_bwd_kernel(
 
 @dataclass
 class _Plan:
-    """Launch geometry shared by the forward and the backward of one call."""
+    """Launch geometry shared by the forward and the backward of one call. Chunks are
+    chunk_len positions, aligned in memory; the forward steps them in n_sub sub-tiles of
+    block_t positions, the backward in bwd_n_sub sub-tiles of bwd_block_t."""
 
     batch: int
     dim: int
     length: int
     n_state: int
     groups: int
-    block_d: int
     block_n: int
+    chunk_len: int
+    n_chunks: int
+    block_d: int
     block_t: int
     n_sub: int
-    n_chunks: int
-    n_dblocks: int
+    bwd_block_d: int
+    bwd_block_t: int
+    bwd_n_sub: int
     seg_len: int
     n_seg: int
 
 
 def _plan(batch, dim, length, n_state, groups, config: ScanConfig, device) -> _Plan:
-    block_d = _block_d_for(config, dim, dim // groups)
-    block_n = triton.next_power_of_2(n_state)
-    n_tiles = max(1, triton.cdiv(length, config.block_t))
-    n_dblocks = dim // block_d
-    # enough programs to fill the GPU, in chunks as long as that allows (fewer chunk states)
+    for name in ("block_t", "bwd_block_t"):
+        if getattr(config, name) not in (2, 4):
+            raise ValueError(f"ScanConfig.{name} must be 2 or 4, got {getattr(config, name)}")
+    dim_per_group = dim // groups
+    block_d = _block_d_for(config.block_d, dim, dim_per_group)
+    bwd_block_d = _block_d_for(config.bwd_block_d, dim, dim_per_group)
+    block_n = max(2, triton.next_power_of_2(n_state))
+    # chunks are whole groups of 4 positions (whole sub-tiles of either pass), as long as
+    # filling the GPU with programs_per_sm programs per multiprocessor allows
+    quads = max(1, triton.cdiv(length, 4))
     target = config.programs_per_sm * _multiprocessors(device)
-    n_sub = max(1, min(config.max_sub, (n_tiles * n_dblocks * batch) // target))
-    n_chunks = triton.cdiv(n_tiles, n_sub)
+    per_chunk = max(1, config.min_chunk // 4,
+                    min(config.max_sub * config.block_t // 4, (quads * (dim // block_d) * batch) // target))
+    chunk_len = 4 * per_chunk
+    n_chunks = triton.cdiv(max(length, 1), chunk_len)
+    bwd_n_sub = chunk_len // config.bwd_block_t
     # the backward keeps a start state per segment of seg_len sub-tiles, and per sub-tile of
     # one segment: about 2 sqrt(n_sub) states per program instead of n_sub
-    seg_len = math.isqrt(n_sub - 1) + 1 if n_sub > 1 else 1
-    n_seg = triton.cdiv(n_sub, seg_len)
-    return _Plan(batch, dim, length, n_state, groups, block_d, block_n, config.block_t, n_sub, n_chunks,
-                 n_dblocks, seg_len, n_seg)
+    seg_len = math.isqrt(bwd_n_sub - 1) + 1 if bwd_n_sub > 1 else 1
+    n_seg = triton.cdiv(bwd_n_sub, seg_len)
+    return _Plan(batch, dim, length, n_state, groups, block_n, chunk_len, n_chunks, block_d, config.block_t,
+                 chunk_len // config.block_t, bwd_block_d, config.bwd_block_t, bwd_n_sub, seg_len, n_seg)
 
 
 def _multiprocessors(device) -> int:
@@ -613,10 +820,22 @@ def _multiprocessors(device) -> int:
     return 1
 
 
+def _launch_options(num_warps: int, maxnreg) -> dict:
+    """num_warps, and the register cap where one is set (compiled kernels only)."""
+    if maxnreg is None or INTERPRETED:
+        return dict(num_warps=num_warps)
+    return dict(num_warps=num_warps, maxnreg=maxnreg)
+
+
+def _column_order(block_t: int, reverse: bool) -> dict:
+    """static_range(J0, J1, JS): a sub-tile's columns in scan order."""
+    return dict(J0=block_t - 1, J1=-1, JS=-1) if reverse else dict(J0=0, J1=block_t, JS=1)
+
+
 def scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, initial_state, delta_softplus, reverse, config):
-    """u, delta, z (b, d, L) with unit stride along L; A (d, N) float32; B4, C4 (b, g, N, L).
-    Returns out (b, d, L) in u's dtype, chunk end states (b, nc, d, N) float32, delta sums
-    (b, nc, d) float32, and the plan."""
+    """u, delta, z (b, d, L) with unit stride along L; A (d, N) float32; B4, C4 (b, g, N, L)
+    with unit stride along L and the same strides. Returns out (b, d, L) in u's dtype, chunk
+    end states (b, nc, d, N) float32, delta sums (b, nc, d) float32, and the plan."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
     plan = _plan(batch, dim, length, n_state, B4.shape[1], config, u.device)
@@ -627,25 +846,22 @@ def scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, initial_state, delta_softplu
     out = torch.empty(batch, dim, length, dtype=u.dtype, device=u.device)
     if length == 0:
         return out, hend, dsum, plan
-    grid = (plan.n_chunks, plan.n_dblocks, batch)
-    flags = dict(HAS_DBIAS=delta_bias is not None, SOFTPLUS=delta_softplus, REVERSE=reverse)
-    _chunk_state_fwd_kernel[grid](
-        u, delta, A, B4, delta_bias if delta_bias is not None else A, hend, dsum,
-        length, dim, n_state, dim // plan.groups, plan.n_sub, plan.n_chunks,
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B4.stride(0), B4.stride(1), B4.stride(2),
-        BD=plan.block_d, BN=plan.block_n, BT=plan.block_t, num_warps=config.num_warps, **flags)
+    grid = (plan.n_chunks, dim // plan.block_d, batch)
+    common = dict(HAS_DBIAS=delta_bias is not None, SOFTPLUS=delta_softplus, REVERSE=reverse,
+                  MASK_N=n_state < plan.block_n, BD=plan.block_d, BN=plan.block_n, BT=plan.block_t,
+                  **_launch_options(config.num_warps, config.maxnreg), **_column_order(plan.block_t, reverse))
+    args = (u, delta, A, B4, C4, D if D is not None else A, z if z is not None else u,
+            delta_bias if delta_bias is not None else A, initial_state if initial_state is not None else A,
+            hend, dsum, out,
+            length, dim, n_state, dim // plan.groups, plan.n_sub, plan.n_chunks,
+            u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B4.stride(0), B4.stride(1), B4.stride(2),
+            z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
+            out.stride(0), out.stride(1))
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None)
+    _scan_fwd_kernel[grid](*args, STATE_ONLY=True, PREFETCH=config.prefetch_state, **{k: False for k in flags},
+                           **common)
     _launch_carry(dsum, hend, A, initial_state, plan, config, reverse_chunks=False)
-    _scan_fwd_kernel[grid](
-        u, delta, A, B4, C4, D if D is not None else A, z if z is not None else u,
-        delta_bias if delta_bias is not None else A, initial_state if initial_state is not None else A,
-        hend, out,
-        length, dim, n_state, dim // plan.groups, plan.n_sub, plan.n_chunks,
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B4.stride(0), B4.stride(1), B4.stride(2),
-        C4.stride(0), C4.stride(1), C4.stride(2),
-        z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
-        out.stride(0), out.stride(1),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None,
-        BD=plan.block_d, BN=plan.block_n, BT=plan.block_t, num_warps=config.num_warps, **flags)
+    _scan_fwd_kernel[grid](*args, STATE_ONLY=False, PREFETCH=config.prefetch_out, **flags, **common)
     return out, hend, dsum, plan
 
 
@@ -659,13 +875,23 @@ def _launch_carry(dsum, states, A, init, plan: _Plan, config: ScanConfig, revers
         dsum, states, A, init if init is not None else A, states,
         plan.n_chunks, plan.dim, plan.n_state,
         HAS_INIT=init is not None, REVERSE=reverse_chunks,
-        BC=config.block_c, BD=carry_bd, BN=plan.block_n, num_warps=config.num_warps)
+        BC=config.block_c, BD=carry_bd, BN=plan.block_n, num_warps=config.carry_num_warps)
+
+
+def _fast_reduce(config: ScanConfig, plan: _Plan) -> bool:
+    """The lane-exchange sum of dB and dC needs compiled kernels, every lane of a warp on its own
+    channel (32 channels or more per warp: Triton's default layout then puts the channels on
+    the lanes and the warps; with fewer, lanes would hold copies and add them twice) and at
+    least 32 (dB; dC) rows per thread (16 states or more)."""
+    return (config.fast_reduce and not INTERPRETED and plan.block_n >= 16
+            and plan.bwd_block_d >= 32 * config.bwd_num_warps)
 
 
 def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, initial_state, hend, dsum,
              delta_softplus, reverse, config, plan: _Plan):
-    """Gradients for u, delta, A, B4, C4, D, z, delta_bias and initial_state (float32 for A,
-    D, delta_bias, initial_state; the inputs' dtypes otherwise)."""
+    """Gradients for u, delta, A, B, C, D, z, delta_bias and initial_state (float32 for A, B, C,
+    D, delta_bias, initial_state; the inputs' dtypes otherwise); those of B and C laid out
+    (b, g, L, BN), the states side by side (zero-padded to BN)."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
     groups = B4.shape[1]
@@ -674,8 +900,8 @@ def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, initial_state, 
     ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=u.device)
     dz = torch.empty(z.shape, dtype=z.dtype, device=u.device) if z is not None else None
     dA = torch.zeros(dim, n_state, **f32)
-    dB = torch.zeros(batch, groups, n_state, length, **f32)
-    dC = torch.zeros(batch, groups, n_state, length, **f32)
+    dB = torch.zeros(batch, groups, length, plan.block_n, **f32)
+    dC = torch.zeros(batch, groups, length, plan.block_n, **f32)
     dD = torch.zeros(dim, **f32) if D is not None else None
     ddbias = torch.zeros(dim, **f32) if delta_bias is not None else None
     # adjoint at each chunk's start: first from a zero right carry, then, in place, the true one
@@ -683,34 +909,38 @@ def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, initial_state, 
     if length == 0:
         dh0 = torch.zeros(batch, dim, n_state, **f32) if dlast is None else dlast.float().clone()
         return du, ddelta, dA, dB, dC, dD, dz, ddbias, dh0
-    flags = dict(HAS_DBIAS=delta_bias is not None, SOFTPLUS=delta_softplus, REVERSE=reverse)
-    grid = (plan.n_chunks, plan.n_dblocks, batch)
+    flags = dict(HAS_DBIAS=delta_bias is not None, SOFTPLUS=delta_softplus, REVERSE=reverse,
+                 MASK_N=n_state < plan.block_n)
     zz = z if z is not None else dout
-    _chunk_adjoint_kernel[grid](
+    _chunk_adjoint_kernel[(plan.n_chunks, dim // plan.block_d, batch)](
         dout, zz, delta, A, C4, delta_bias if delta_bias is not None else A, gcarry,
         length, dim, n_state, dim // groups, plan.n_sub, plan.n_chunks,
         dout.stride(0), dout.stride(1), zz.stride(0), zz.stride(1), delta.stride(0), delta.stride(1),
         C4.stride(0), C4.stride(1), C4.stride(2),
         HAS_Z=z is not None, BD=plan.block_d, BN=plan.block_n, BT=plan.block_t,
-        num_warps=config.num_warps, **flags)
+        **_launch_options(config.num_warps, config.maxnreg), **_column_order(plan.block_t, reverse), **flags)
     _launch_carry(dsum, gcarry, A, dlast, plan, config, reverse_chunks=True)
 
-    n_items = plan.n_chunks * plan.n_dblocks * batch
+    n_dblocks = dim // plan.bwd_block_d
+    n_items = plan.n_chunks * n_dblocks * batch
     n_programs = min(n_items, config.bwd_programs_per_sm * _multiprocessors(u.device))
-    scratch = torch.empty(n_programs, plan.n_seg + plan.seg_len, plan.block_n, plan.block_d, **f32)
+    scratch = torch.empty(n_programs, plan.n_seg + plan.seg_len, plan.block_n, plan.bwd_block_d, **f32)
     dzz = dz if dz is not None else du
     _scan_bwd_kernel[(n_programs,)](
         u, delta, A, B4, C4, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, dout,
         initial_state if initial_state is not None else A, hend, gcarry, dlast if dlast is not None else A,
         scratch, du, ddelta, dzz, dA, dB, dC, dD if dD is not None else dA, ddbias if ddbias is not None else dA,
-        length, dim, n_state, dim // groups, plan.n_sub, plan.n_chunks, plan.n_dblocks, n_items,
-        plan.seg_len, plan.n_seg,
+        length, dim, n_state, dim // groups, plan.bwd_n_sub, plan.n_chunks, n_dblocks, n_items,
+        plan.seg_len, plan.n_seg, 1,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B4.stride(0), B4.stride(1), B4.stride(2),
-        C4.stride(0), C4.stride(1), C4.stride(2), zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1),
-        dB.stride(0), dB.stride(1), dB.stride(2), du.stride(0), du.stride(1), ddelta.stride(0), ddelta.stride(1),
+        zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1),
+        dB.stride(0), dB.stride(1), du.stride(0), du.stride(1), ddelta.stride(0), ddelta.stride(1),
         dzz.stride(0), dzz.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None, HAS_DLAST=dlast is not None,
-        BD=plan.block_d, BN=plan.block_n, BT=plan.block_t, num_warps=config.bwd_num_warps, **flags)
+        FAST_REDUCE=_fast_reduce(config, plan), LANES_D=32,
+        BD=plan.bwd_block_d, BN=plan.block_n, BT=plan.bwd_block_t,
+        **_launch_options(config.bwd_num_warps, config.bwd_maxnreg),
+        **_column_order(plan.bwd_block_t, reverse), **flags)
     dh0 = gcarry[:, 0].clone()  # the adjoint that leaves the first chunk: d loss / d initial_state
     return du, ddelta, dA, dB, dC, dD, dz, ddbias, dh0
 
@@ -729,6 +959,9 @@ class SelectiveScanFn(torch.autograd.Function):
         squeeze_B, squeeze_C = B.dim() == 3, C.dim() == 3
         B4 = _unit_stride(B.unsqueeze(1) if squeeze_B else B)
         C4 = _unit_stride(C.unsqueeze(1) if squeeze_C else C)
+        if B4.stride() != C4.stride():
+            # the kernels address B and C with one set of strides
+            B4, C4 = B4.contiguous(), C4.contiguous()
         u_c, delta_c, z_c = _unit_stride(u), _unit_stride(delta), _unit_stride(z)
         A_c = A.float().contiguous()
         D_c = D.float().contiguous() if D is not None else None
@@ -758,8 +991,9 @@ class SelectiveScanFn(torch.autograd.Function):
         dlast = dlast.float().contiguous() if dlast is not None else None
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = scan_bwd(
             dout, dlast, u, delta, A, B4, C4, D, z, bias, h0, hend, dsum, delta_softplus, reverse, config, plan)
-        dB = dB.to(B_dtype)
-        dC = dC.to(C_dtype)
+        n_state = A.shape[1]
+        dB = dB[..., :n_state].transpose(-1, -2).to(B_dtype).contiguous()  # (b, g, N, L)
+        dC = dC[..., :n_state].transpose(-1, -2).to(C_dtype).contiguous()
         return (du, ddelta, dA.to(A_dtype), dB.squeeze(1) if squeeze_B else dB, dC.squeeze(1) if squeeze_C else dC,
                 dD.to(D_dtype) if dD is not None else None, dz,
                 dbias.to(bias_dtype) if dbias is not None else None,

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mambapath.kernels.selective_scan import resolve_backend, selective_scan, selective_scan_ref, triton_module
+from mambapath.kernels.selective_scan import (resolve_backend, selective_scan, selective_scan_ref, triton_module,
+                                              uses_many_states)
 
 from conftest import assert_close_named, case_id, float64_leaves, leaves, needs_interpreter
 
@@ -201,16 +202,32 @@ def test_triton_matches_loop(poison_empty, batch, dim, length, n_state, groups, 
 
 @needs_interpreter
 def test_triton_many_chunks_matches_loop(poison_empty):
-    """Sub-tiles of 8 positions in chunks of three (the backward's segments of two and one),
-    and a carry kernel that moves 2 chunks per step: nine sub-tiles, three chunks, two carry
-    steps in each direction."""
-    config = triton_module(True).ScanConfig(block_d=2, block_t=8, num_warps=1, bwd_num_warps=1, max_sub=3,
-                                            block_c=2, carry_block_d=2, programs_per_sm=4, bwd_programs_per_sm=2)
+    """Chunks of 12 positions in sub-tiles of 2 (the backward's segments of three), and a carry
+    kernel that moves 2 chunks per step: six chunks, three carry steps in each direction."""
+    config = triton_module(True).ScanConfig(block_d=2, block_t=2, num_warps=1, bwd_block_d=2, bwd_block_t=2,
+                                            bwd_num_warps=1, max_sub=6, min_chunk=4, block_c=2, carry_block_d=2,
+                                            carry_num_warps=1, programs_per_sm=4, bwd_programs_per_sm=2,
+                                            fast_reduce=False)
     inputs = make_inputs(2, 4, 70, 3, z=True, D=True, bias=True, h0=True, seed=3)
     expected = ground_truth(inputs, True, False)
     got = run_with_grads(triton_fn(config), dict(zip(INPUT_NAMES, leaves([inputs[n] for n in INPUT_NAMES]))),
                          True, False)
     assert_close_named(got, expected, TOL_FP32, "triton, many chunks")
+
+
+@needs_interpreter
+def test_triton_many_states_matches_loop(poison_empty):
+    """N > 16 runs chunk_many_states.py (the states over the warps)."""
+    assert uses_many_states(20) and not uses_many_states(16)
+    inputs = make_inputs(1, 4, 21, 20, z=True, D=True, bias=True, h0=True, seed=8)
+    expected = ground_truth(inputs, True, True)
+
+    def run(u, delta, A, B, C, **kw):
+        return triton_module(True, many_states=True).selective_scan_triton(u, delta, A, B, C,
+                                                                           return_last_state=True, **kw)
+
+    got = run_with_grads(run, dict(zip(INPUT_NAMES, leaves([inputs[n] for n in INPUT_NAMES]))), True, True)
+    assert_close_named(got, expected, TOL_FP32, "triton (many states, interpreter) vs float64 loop")
 
 
 @needs_interpreter

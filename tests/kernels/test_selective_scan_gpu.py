@@ -5,10 +5,12 @@ mamba-ssm is installed. Skipped without CUDA."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from mambapath.kernels.selective_scan import resolve_backend, selective_scan, selective_scan_ref
+from mambapath.kernels.selective_scan import resolve_backend, selective_scan, selective_scan_ref, triton_module
 
 from conftest import assert_close_named, case_id
 
@@ -58,6 +60,8 @@ def run(backend, inputs, reverse=False, dtype=None, seed=1, with_last=True):
     args = [leaves[n] for n in ("u", "delta", "A", "B", "C")]
     if backend == "reference":
         out = selective_scan_ref(*args, **kwargs)
+    elif callable(backend):
+        out = backend(*args, **kwargs)
     else:
         out = selective_scan(*args, backend=backend, **kwargs)
     y, last = out if with_last else (out, None)
@@ -95,6 +99,31 @@ def test_triton_matches_reference_float32(poison_empty, batch, dim, length, n_st
     expected = run("reference", inputs, reverse, dtype=torch.float64)
     got = run("triton", inputs, reverse)
     assert_close_named(got, expected, TOL[torch.float32], "triton float32 vs float64 reference")
+
+
+CONFIG_CHANGES = {
+    # the backward's sums of dB and dC over 32 channels a warp (lane exchange), over 16 (the
+    # states spread over two lanes), and Triton's own reduction; two warps per program
+    "bwd-d32": dict(bwd_block_d=32),
+    "bwd-d16": dict(bwd_block_d=16),
+    "bwd-butterfly": dict(fast_reduce=False),
+    "w2": dict(block_d=64, num_warps=2, block_t=2, bwd_block_d=64, bwd_num_warps=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_CHANGES))
+def test_triton_tile_configs_match_reference(poison_empty, name):
+    """Every tile layout the tuning script may pick computes the same scan."""
+    module = triton_module(False)
+    config = dataclasses.replace(module.default_config(16, False), **CONFIG_CHANGES[name])
+
+    def triton_with_config(*args, **kwargs):
+        return module.selective_scan_triton(*args, config=config, **kwargs)
+
+    inputs = make_inputs(1, 128, 5003, 16, z=True, h0=True, seed=6)
+    expected = run("reference", inputs, reverse=True, dtype=torch.float64)
+    got = run(triton_with_config, inputs, reverse=True)
+    assert_close_named(got, expected, TOL[torch.float32], f"triton ({name}) float32 vs float64 reference")
 
 
 def test_triton_matches_reference_bfloat16(poison_empty):
