@@ -14,6 +14,13 @@ L2 cache flushed (a 256 MiB write) before each timed run. Forward+backward times
 and one ``backward`` of <y, dy>. Peak memory is ``torch.cuda.max_memory_allocated`` during one
 forward+backward, above what the inputs and dy already hold.
 
+Host overhead: a timed call includes launching its kernels from Python. Where the GPU work is
+short (L = 16k) that launch time, not the kernels, sets the time (our forward is three Triton
+launches and a few tensor allocations, about 0.1 ms to 0.3 ms of CPU time on the benchmark
+machine). The "graph" columns therefore also time each call captured once in a CUDA graph
+(``torch.cuda.graph``, forward under no_grad, forward+backward with the gradients) and
+replayed: the GPU's own time, for Triton and mamba-ssm alike.
+
 The call measured is a Mamba layer's: u, delta (1, dim, L); A (dim, N); B, C (1, N, L); D and
 delta_bias (dim,); softplus on; no gate z unless ``--gate`` (the default grid) adds the rows
 marked z. float32 unless ``--dtype bfloat16``.
@@ -204,6 +211,50 @@ def bench_backend(backend, inputs, timer, reps):
     return fwd, fwd_bwd, peak
 
 
+def bench_graphed(call, inputs, timer, reps):
+    """(fwd ms, fwd+bwd ms) of ``call()`` (one scan over ``inputs``, returning its output)
+    captured in a CUDA graph and replayed: the kernels' time on the GPU without the host's launch
+    overhead. Warm-up runs on a side stream, as capture requires; the gradients are allocated by
+    the captured backward (they start as None)."""
+    leaves = [t for t in inputs.values() if t is not None]
+    dy = torch.randn_like(inputs["u"])
+
+    def clear():
+        for t in leaves:
+            t.grad = None
+
+    def capture(fn):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+                clear()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph
+
+    def forward():
+        with torch.no_grad():
+            call()
+
+    graph = capture(forward)
+    fwd = timer(graph.replay, reps=reps)
+    del graph
+    for t in leaves:
+        t.requires_grad_(True)
+    graph = capture(lambda: call().backward(dy))
+    fwd_bwd = timer(graph.replay, reps=reps)
+    del graph
+    clear()
+    for t in leaves:
+        t.requires_grad_(False)
+    torch.cuda.synchronize()
+    return fwd, fwd_bwd
+
+
 def mamba_available(marker: str | None, deadline: float) -> tuple[bool, str]:
     """Wait for a background build (its marker file) until the deadline, then try the import."""
     if marker:
@@ -241,11 +292,14 @@ def run_gpu(args):
     if args.quick:
         grid = [r for r in grid if r[2] <= 65536 and r[0] <= 512]
     results = {}
+    graphed = {}  # the same calls replayed from CUDA graphs (Triton and mamba-ssm)
     # our kernels and the reference first: they need no build
     for dim, n_state, length, gate in grid:
         inputs = make_inputs(dim, n_state, length, gate, dtype, "cuda")
         results[(dim, n_state, length, gate, "triton")] = bench_backend("triton", inputs, Timer(args.reps),
                                                                         args.reps)
+        graphed[(dim, n_state, length, gate, "triton")] = bench_graphed(
+            lambda: scan_call("triton", inputs), inputs, Timer(args.reps), args.reps)
         if dim * n_state * length <= args.reference_max_elements:
             results[(dim, n_state, length, gate, "reference")] = bench_backend("reference", inputs,
                                                                               Timer(3, warmup=1), 3)
@@ -262,14 +316,19 @@ def run_gpu(args):
             inputs = make_inputs(dim, n_state, length, gate, dtype, "cuda")
             results[(dim, n_state, length, gate, "mamba_ssm")] = bench_backend("mamba_ssm", inputs,
                                                                                Timer(args.reps), args.reps)
+            graphed[(dim, n_state, length, gate, "mamba_ssm")] = bench_graphed(
+                lambda: scan_call("mamba_ssm", inputs), inputs, Timer(args.reps), args.reps)
             del inputs
             torch.cuda.empty_cache()
 
     lines = header + [f"mamba-ssm column: {mamba_note if have_mamba else 'not available (' + mamba_note + ')'}",
                       "speedup = mamba-ssm time / this backend's time; x floor = time / floor; "
-                      "peak = MiB above the inputs during forward+backward", ""]
+                      "peak = MiB above the inputs during forward+backward; graph = the same call replayed "
+                      "from a CUDA graph (no host launch overhead), graph speedup = mamba-ssm's graph time / "
+                      "this backend's", ""]
     cols = ["dim", "N", "L", "z", "backend", "fwd ms", "fwd+bwd ms", "fwd speedup", "f+b speedup",
-            "fwd x floor", "f+b x floor", "peak MiB", "mamba peak MiB"]
+            "fwd x floor", "f+b x floor", "peak MiB", "mamba peak MiB", "graph fwd ms", "graph f+b ms",
+            "graph fwd speedup", "graph f+b speedup"]
     rows = []
     for dim, n_state, length, gate in grid:
         floor_fwd, floor_fb = floors(dim, n_state, length, gate, elt, bandwidth, exp_rate)
@@ -291,7 +350,8 @@ def run_gpu(args):
             rows.append([dim, n_state, length, "z" if gate else "", backend, fmt(fwd), fmt(fb),
                          fmt(ref[0] / fwd, ".2f") if ref else "-", fmt(ref[1] / fb, ".2f") if ref else "-",
                          fmt(fwd / floor_fwd, ".1f"), fmt(fb / floor_fb, ".1f"), fmt(peak, ".0f"),
-                         fmt(mamba[2], ".0f") if mamba else "-"])
+                         fmt(mamba[2], ".0f") if mamba else "-", *graph_columns(graphed, dim, n_state, length, gate,
+                                                                                 backend)])
     widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(cols)]
     lines.append("  ".join(str(c).rjust(w) for c, w in zip(cols, widths)))
     lines.extend("  ".join(str(v).rjust(w) for v, w in zip(r, widths)) for r in rows)
@@ -299,6 +359,16 @@ def run_gpu(args):
     print(table, flush=True)
     if args.out:
         Path(args.out).write_text(table + "\n")
+
+
+def graph_columns(graphed, dim, n_state, length, gate, backend):
+    """graph fwd ms, graph f+b ms and their speedups over mamba-ssm's graph times ('-' where absent)."""
+    own = graphed.get((dim, n_state, length, gate, backend))
+    mamba = graphed.get((dim, n_state, length, gate, "mamba_ssm"))
+    if own is None:
+        return ["-"] * 4
+    speed = [fmt(m / o, ".2f") if mamba else "-" for m, o in zip(mamba or (0, 0), own)]
+    return [fmt(own[0]), fmt(own[1]), *speed]
 
 
 def run_cpu_reference(args):

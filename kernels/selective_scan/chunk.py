@@ -27,6 +27,7 @@ Backward, three launches (states are recomputed, never stored per position):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -53,7 +54,10 @@ class ScanConfig:
     reduction per value. prefetch_state and prefetch_out load the next sub-tile's inputs
     before the current one is worked on, in the forward's chunk-state and output passes.
     maxnreg and bwd_maxnreg cap the registers per thread of the chunk kernels (forward and
-    adjoint) and of the backward kernel: more warps per multiprocessor, at the price of spills."""
+    adjoint) and of the backward kernel: more warps per multiprocessor, at the price of spills.
+    When a gradient is needed the forward saves the state entering every segment of about
+    seg_factor * sqrt(backward sub-tiles per chunk) sub-tiles; the backward recomputes a
+    segment's sub-tile start states into its scratch (seg_factor * sqrt of them)."""
 
     block_d: int = 32
     block_t: int = 4
@@ -63,8 +67,8 @@ class ScanConfig:
     bwd_num_warps: int = 1
     max_sub: int = 512
     min_chunk: int = 64
-    block_c: int = 16
-    carry_block_d: int = 8
+    block_c: int = 32
+    carry_block_d: int = 4
     carry_num_warps: int = 4
     programs_per_sm: int = 16
     bwd_programs_per_sm: int = 8
@@ -73,6 +77,7 @@ class ScanConfig:
     prefetch_out: bool = False
     maxnreg: int | None = None
     bwd_maxnreg: int | None = None
+    seg_factor: int = 1
 
 
 def default_config(n_state: int, interpret: bool) -> ScanConfig:
@@ -358,18 +363,20 @@ def _add_state_sums(dB_t, dC_t, dB_base, dC_base, p, L, FAST: tl.constexpr, LANE
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, h0_ptr, hend_ptr, dsum_ptr, out_ptr,
-    L, dim, n_state, dim_per_group, n_sub, n_chunks,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, h0_ptr, hend_ptr, dsum_ptr, out_ptr, seg_ptr,
+    L, dim, n_state, dim_per_group, n_sub, n_chunks, seg_pos, n_seg,
     stride_ub, stride_ud, stride_db, stride_dd, stride_Bb, stride_Bg, stride_Bn,
     stride_zb, stride_zd, stride_ob, stride_od,
     STATE_ONLY: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, REVERSE: tl.constexpr, MASK_N: tl.constexpr,
-    PREFETCH: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
+    SAVE_SEG: tl.constexpr, PREFETCH: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
     J0: tl.constexpr, J1: tl.constexpr, JS: tl.constexpr,
 ):
     # STATE_ONLY: the chunk's end state from a zero start (hend) and its sum of delta (dsum).
     # Otherwise: from the true state entering the chunk (h0 or hend of the chunk before), the
-    # outputs. J0, J1, JS: a sub-tile's columns in scan order, static_range(J0, J1, JS).
+    # outputs, and with SAVE_SEG the state entering every segment of seg_pos positions (scan order)
+    # for the backward: seg[b, chunk, k] = the state before position k * seg_pos of the chunk.
+    # J0, J1, JS: a sub-tile's columns in scan order, static_range(J0, J1, JS).
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -412,6 +419,10 @@ def _scan_fwd_kernel(
         if not STATE_ONLY:
             C_n = _load_bc_tile(C_base, stride_Bn, p_n, mask_n_t, zero_d, n_state, BN, MASK_N)
     for s in range(0, n_sub):
+        if SAVE_SEG:
+            if (s * BT) % seg_pos == 0:
+                _store_states(seg_ptr + ((pid_b * n_chunks + pid_c) * n_seg + (s * BT) // seg_pos) * dim * n_state,
+                              offs_d, n_state, h, MASK_N)
         p = p_n
         mask_t = mask_n_t
         mask_dt = mask_t[None, :]
@@ -563,26 +574,27 @@ def _chunk_adjoint_kernel(
 @triton.jit(do_not_specialize=["stride_scratch"])
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, dout_ptr,
-    h0_ptr, hend_ptr, gcarry_ptr, dlast_ptr, scratch_ptr,
+    seg_ptr, gcarry_ptr, dlast_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr,
     L, dim, n_state, dim_per_group, n_sub, n_chunks, n_dblocks, n_items, seg_len, n_seg, stride_scratch,
     stride_ub, stride_ud, stride_db, stride_dd, stride_Bb, stride_Bg, stride_Bn,
     stride_zb, stride_zd, stride_ob, stride_od,
     stride_gb, stride_gg, stride_dub, stride_dud, stride_ddb, stride_ddd, stride_dzb, stride_dzd,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_DLAST: tl.constexpr, REVERSE: tl.constexpr, MASK_N: tl.constexpr,
+    HAS_DLAST: tl.constexpr, REVERSE: tl.constexpr, MASK_N: tl.constexpr,
     FAST_REDUCE: tl.constexpr, LANES_D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
     J0: tl.constexpr, J1: tl.constexpr, JS: tl.constexpr,
 ):
     # Persistent: each program takes items pid, pid + n_programs, ... (an item is a chunk of a
-    # channel block). Its scratch holds (n_seg + seg_len) states of BN rows of BD: the start
-    # state of every segment of seg_len sub-tiles of the chunk, then the start states of the
-    # sub-tiles of the segment at hand. stride_scratch (1 at run time, unspecialised) keeps
-    # Triton from vectorising the rows, so that a thread reads back the values it wrote.
+    # channel block). The state entering every segment of seg_len sub-tiles comes from the
+    # forward (seg, (batch, n_chunks, n_seg, dim, N)); the program's scratch holds seg_len states
+    # of BN rows of BD: the start states of the sub-tiles of the segment at hand.
+    # stride_scratch (1 at run time, unspecialised) keeps Triton from vectorising the rows, so
+    # that a thread reads back the values it wrote.
     pid = tl.program_id(0)
     offs_dl = tl.arange(0, BD)
     offs_t = tl.arange(0, BT)
-    scratch_rows = scratch_ptr + pid.to(tl.int64) * (n_seg + seg_len) * BN * BD + offs_dl * stride_scratch  # (BD,)
+    scratch_rows = scratch_ptr + pid.to(tl.int64) * seg_len * BN * BD + offs_dl * stride_scratch  # (BD,)
     for item in range(pid, n_items, tl.num_programs(0)):
         pid_c = item % n_chunks
         pid_d = (item // n_chunks) % n_dblocks
@@ -610,31 +622,7 @@ def _scan_bwd_kernel(
         dB_base = dB_ptr + pid_b * stride_gb + group * stride_gg
         dC_base = dC_ptr + pid_b * stride_gb + group * stride_gg
 
-        # phase 1: start state of every segment of the chunk -> scratch slots [0, n_seg)
-        if pid_c == 0:
-            if HAS_H0:
-                h = _load_states(h0_ptr + pid_b * dim * n_state, offs_d, n_state, BN, MASK_N)
-            else:
-                h = tl.zeros((BN, BD), tl.float32)
-        else:
-            h = _load_states(hend_ptr + (pid_b * n_chunks + pid_c - 1) * dim * n_state, offs_d, n_state, BN,
-                             MASK_N)
-        for s in range(0, n_sub):
-            if s % seg_len == 0:
-                _store_scratch(scratch_rows + (s // seg_len) * BN * BD, h)
-            p = _positions(pid_c, s, n_chunks, n_sub, offs_t, REVERSE, BT)
-            mask_t = p < L
-            _, dt = _steps(tl.load(delta_rows + p[None, :], mask=mask_t[None, :], other=0.0).to(tl.float32),
-                           mask_t, dbias, HAS_DBIAS, SOFTPLUS)
-            u = tl.load(u_rows + p[None, :], mask=mask_t[None, :], other=0.0).to(tl.float32)
-            dts = _columns(dt, BT)
-            xs = _columns(dt * u, BT)
-            Bs = _load_bc(B_base, stride_Bn, p, mask_t, zero_d, n_state, BN, BT, MASK_N)
-            for j in tl.static_range(J0, J1, JS):
-                h = tl.exp2(dts[j][None, :] * A2) * h + xs[j][None, :] * Bs[j]
-        tl.debug_barrier()
-
-        # phase 2: segments from last to first; q = a_{t+1} g_{t+1} carries the adjoint leftwards
+        # segments from last to first; q = a_{t+1} g_{t+1} carries the adjoint leftwards
         if pid_c == n_chunks - 1:
             if HAS_DLAST:
                 q = _load_states(dlast_ptr + pid_b * dim * n_state, offs_d, n_state, BN, MASK_N)
@@ -650,10 +638,11 @@ def _scan_bwd_kernel(
             seg = n_seg - 1 - jseg
             s_first = seg * seg_len
             n_here = tl.minimum(seg_len, n_sub - s_first)
-            # start states of the segment's sub-tiles -> scratch slots [n_seg, n_seg + n_here)
-            h = _load_scratch(scratch_rows + seg * BN * BD, BN)
+            # start states of the segment's sub-tiles -> scratch slots [0, n_here)
+            h = _load_states(seg_ptr + ((pid_b * n_chunks + pid_c) * n_seg + seg) * dim * n_state, offs_d, n_state,
+                             BN, MASK_N)
             for i in range(0, n_here):
-                _store_scratch(scratch_rows + (n_seg + i) * BN * BD, h)
+                _store_scratch(scratch_rows + i * BN * BD, h)
                 p = _positions(pid_c, s_first + i, n_chunks, n_sub, offs_t, REVERSE, BT)
                 mask_t = p < L
                 _, dt = _steps(tl.load(delta_rows + p[None, :], mask=mask_t[None, :], other=0.0).to(tl.float32),
@@ -669,7 +658,7 @@ def _scan_bwd_kernel(
             # the segment's sub-tiles from last to first
             for k in range(0, n_here):
                 i = n_here - 1 - k
-                h = _load_scratch(scratch_rows + (n_seg + i) * BN * BD, BN)  # state entering the sub-tile
+                h = _load_scratch(scratch_rows + i * BN * BD, BN)  # state entering the sub-tile
                 p = _positions(pid_c, s_first + i, n_chunks, n_sub, offs_t, REVERSE, BT)
                 p0 = _positions(pid_c, s_first + i, n_chunks, n_sub, 0, REVERSE, BT)  # its first memory position
                 mask_t = p < L
@@ -757,7 +746,7 @@ def _scan_bwd_kernel(
             tl.atomic_add(dD_ptr + offs_d, dD_acc, sem="relaxed")
         if HAS_DBIAS:
             tl.atomic_add(ddbias_ptr + offs_d, ddbias_acc, sem="relaxed")
-        # the next chunk of this program rewrites the segment slots
+        # the next chunk of this program rewrites the sub-tile slots
         tl.debug_barrier()
 
 
@@ -765,7 +754,7 @@ def _scan_bwd_kernel(
 # launchers
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Plan:
     """Launch geometry shared by the forward and the backward of one call. Chunks are
     chunk_len positions, aligned in memory; the forward steps them in n_sub sub-tiles of
@@ -789,6 +778,7 @@ class _Plan:
     n_seg: int
 
 
+@functools.lru_cache(maxsize=256)
 def _plan(batch, dim, length, n_state, groups, config: ScanConfig, device) -> _Plan:
     for name in ("block_t", "bwd_block_t"):
         if getattr(config, name) not in (2, 4):
@@ -806,14 +796,19 @@ def _plan(batch, dim, length, n_state, groups, config: ScanConfig, device) -> _P
     chunk_len = 4 * per_chunk
     n_chunks = triton.cdiv(max(length, 1), chunk_len)
     bwd_n_sub = chunk_len // config.bwd_block_t
-    # the backward keeps a start state per segment of seg_len sub-tiles, and per sub-tile of
-    # one segment: about 2 sqrt(n_sub) states per program instead of n_sub
-    seg_len = math.isqrt(bwd_n_sub - 1) + 1 if bwd_n_sub > 1 else 1
+    # the forward saves the state entering every segment of seg_len backward sub-tiles, and the
+    # backward keeps the start state of every sub-tile of one segment: about seg_factor *
+    # sqrt(n_sub) states per program, n_sub / that many per chunk. A segment is whole forward
+    # sub-tiles (seg_len * bwd_block_t a multiple of block_t).
+    seg_len = config.seg_factor * (math.isqrt(bwd_n_sub - 1) + 1)
+    while (seg_len * config.bwd_block_t) % config.block_t:
+        seg_len += 1
     n_seg = triton.cdiv(bwd_n_sub, seg_len)
     return _Plan(batch, dim, length, n_state, groups, block_n, chunk_len, n_chunks, block_d, config.block_t,
                  chunk_len // config.block_t, bwd_block_d, config.bwd_block_t, bwd_n_sub, seg_len, n_seg)
 
 
+@functools.lru_cache(maxsize=16)
 def _multiprocessors(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -832,10 +827,13 @@ def _column_order(block_t: int, reverse: bool) -> dict:
     return dict(J0=block_t - 1, J1=-1, JS=-1) if reverse else dict(J0=0, J1=block_t, JS=1)
 
 
-def scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, initial_state, delta_softplus, reverse, config):
+def scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, initial_state, delta_softplus, reverse, config,
+             save_segments=False):
     """u, delta, z (b, d, L) with unit stride along L; A (d, N) float32; B4, C4 (b, g, N, L)
     with unit stride along L and the same strides. Returns out (b, d, L) in u's dtype, chunk
-    end states (b, nc, d, N) float32, delta sums (b, nc, d) float32, and the plan."""
+    end states (b, nc, d, N) float32, delta sums (b, nc, d) float32, with save_segments the
+    states entering the backward's segments (b, nc, n_seg, d, N) float32 (else None), and the
+    plan."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
     plan = _plan(batch, dim, length, n_state, B4.shape[1], config, u.device)
@@ -844,25 +842,28 @@ def scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, initial_state, delta_softplu
     hend = torch.empty(batch, plan.n_chunks, dim, n_state, **f32)
     dsum = torch.empty(batch, plan.n_chunks, dim, **f32)
     out = torch.empty(batch, dim, length, dtype=u.dtype, device=u.device)
+    seg = torch.empty(batch, plan.n_chunks, plan.n_seg, dim, n_state, **f32) if save_segments else None
     if length == 0:
-        return out, hend, dsum, plan
+        return out, hend, dsum, seg, plan
     grid = (plan.n_chunks, dim // plan.block_d, batch)
     common = dict(HAS_DBIAS=delta_bias is not None, SOFTPLUS=delta_softplus, REVERSE=reverse,
                   MASK_N=n_state < plan.block_n, BD=plan.block_d, BN=plan.block_n, BT=plan.block_t,
                   **_launch_options(config.num_warps, config.maxnreg), **_column_order(plan.block_t, reverse))
     args = (u, delta, A, B4, C4, D if D is not None else A, z if z is not None else u,
             delta_bias if delta_bias is not None else A, initial_state if initial_state is not None else A,
-            hend, dsum, out,
+            hend, dsum, out, seg if seg is not None else hend,
             length, dim, n_state, dim // plan.groups, plan.n_sub, plan.n_chunks,
+            plan.seg_len * plan.bwd_block_t, plan.n_seg,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B4.stride(0), B4.stride(1), B4.stride(2),
             z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
             out.stride(0), out.stride(1))
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None)
-    _scan_fwd_kernel[grid](*args, STATE_ONLY=True, PREFETCH=config.prefetch_state, **{k: False for k in flags},
-                           **common)
+    _scan_fwd_kernel[grid](*args, STATE_ONLY=True, SAVE_SEG=False, PREFETCH=config.prefetch_state,
+                           **{k: False for k in flags}, **common)
     _launch_carry(dsum, hend, A, initial_state, plan, config, reverse_chunks=False)
-    _scan_fwd_kernel[grid](*args, STATE_ONLY=False, PREFETCH=config.prefetch_out, **flags, **common)
-    return out, hend, dsum, plan
+    _scan_fwd_kernel[grid](*args, STATE_ONLY=False, SAVE_SEG=save_segments, PREFETCH=config.prefetch_out, **flags,
+                           **common)
+    return out, hend, dsum, seg, plan
 
 
 def _launch_carry(dsum, states, A, init, plan: _Plan, config: ScanConfig, reverse_chunks: bool):
@@ -887,8 +888,8 @@ def _fast_reduce(config: ScanConfig, plan: _Plan) -> bool:
             and plan.bwd_block_d >= 32 * config.bwd_num_warps)
 
 
-def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, initial_state, hend, dsum,
-             delta_softplus, reverse, config, plan: _Plan):
+def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, seg, dsum, delta_softplus, reverse, config,
+             plan: _Plan):
     """Gradients for u, delta, A, B, C, D, z, delta_bias and initial_state (float32 for A, B, C,
     D, delta_bias, initial_state; the inputs' dtypes otherwise); those of B and C laid out
     (b, g, L, BN), the states side by side (zero-padded to BN)."""
@@ -899,11 +900,12 @@ def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, initial_state, 
     du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=u.device)
     dz = torch.empty(z.shape, dtype=z.dtype, device=u.device) if z is not None else None
-    dA = torch.zeros(dim, n_state, **f32)
-    dB = torch.zeros(batch, groups, length, plan.block_n, **f32)
-    dC = torch.zeros(batch, groups, length, plan.block_n, **f32)
-    dD = torch.zeros(dim, **f32) if D is not None else None
-    ddbias = torch.zeros(dim, **f32) if delta_bias is not None else None
+    # the sums the kernel adds into atomically, zeroed together: dA, dD, ddelta_bias; dB, dC
+    sums = torch.zeros(dim * (n_state + 2), **f32)
+    dA = sums[:dim * n_state].view(dim, n_state)
+    dD = sums[dim * n_state:dim * (n_state + 1)] if D is not None else None
+    ddbias = sums[dim * (n_state + 1):] if delta_bias is not None else None
+    dB, dC = torch.zeros(2, batch, groups, length, plan.block_n, **f32).unbind(0)
     # adjoint at each chunk's start: first from a zero right carry, then, in place, the true one
     gcarry = torch.empty(batch, plan.n_chunks, dim, n_state, **f32)
     if length == 0:
@@ -924,11 +926,11 @@ def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, initial_state, 
     n_dblocks = dim // plan.bwd_block_d
     n_items = plan.n_chunks * n_dblocks * batch
     n_programs = min(n_items, config.bwd_programs_per_sm * _multiprocessors(u.device))
-    scratch = torch.empty(n_programs, plan.n_seg + plan.seg_len, plan.block_n, plan.bwd_block_d, **f32)
+    scratch = torch.empty(n_programs, plan.seg_len, plan.block_n, plan.bwd_block_d, **f32)
     dzz = dz if dz is not None else du
     _scan_bwd_kernel[(n_programs,)](
         u, delta, A, B4, C4, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, dout,
-        initial_state if initial_state is not None else A, hend, gcarry, dlast if dlast is not None else A,
+        seg, gcarry, dlast if dlast is not None else A,
         scratch, du, ddelta, dzz, dA, dB, dC, dD if dD is not None else dA, ddbias if ddbias is not None else dA,
         length, dim, n_state, dim // groups, plan.bwd_n_sub, plan.n_chunks, n_dblocks, n_items,
         plan.seg_len, plan.n_seg, 1,
@@ -936,7 +938,7 @@ def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, initial_state, 
         zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1),
         dB.stride(0), dB.stride(1), du.stride(0), du.stride(1), ddelta.stride(0), ddelta.stride(1),
         dzz.stride(0), dzz.stride(1),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None, HAS_DLAST=dlast is not None,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DLAST=dlast is not None,
         FAST_REDUCE=_fast_reduce(config, plan), LANES_D=32,
         BD=plan.bwd_block_d, BN=plan.block_n, BT=plan.bwd_block_t,
         **_launch_options(config.bwd_num_warps, config.bwd_maxnreg),
@@ -967,14 +969,14 @@ class SelectiveScanFn(torch.autograd.Function):
         D_c = D.float().contiguous() if D is not None else None
         bias_c = delta_bias.float().contiguous() if delta_bias is not None else None
         h0 = initial_state.float().contiguous() if initial_state is not None else None
-        out, hend, dsum, plan = scan_fwd(u_c, delta_c, A_c, B4, C4, D_c, z_c, bias_c, h0, delta_softplus,
-                                         reverse, config)
+        out, hend, dsum, seg, plan = scan_fwd(u_c, delta_c, A_c, B4, C4, D_c, z_c, bias_c, h0, delta_softplus,
+                                              reverse, config, save_segments=any(ctx.needs_input_grad))
         if u.shape[-1] == 0:
             last = h0.clone() if h0 is not None else torch.zeros(u.shape[0], u.shape[1], A.shape[1],
                                                                  dtype=torch.float32, device=u.device)
         else:
             last = hend[:, -1].clone()
-        ctx.save_for_backward(u_c, delta_c, A_c, B4, C4, D_c, z_c, bias_c, h0, hend, dsum)
+        ctx.save_for_backward(u_c, delta_c, A_c, B4, C4, D_c, z_c, bias_c, seg, dsum)
         ctx.set_materialize_grads(False)
         ctx.meta = (delta_softplus, reverse, config, plan, squeeze_B, squeeze_C,
                     B.dtype, C.dtype, A.dtype, None if D is None else D.dtype,
@@ -984,20 +986,20 @@ class SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B4, C4, D, z, bias, h0, hend, dsum = ctx.saved_tensors
+        u, delta, A, B4, C4, D, z, bias, seg, dsum = ctx.saved_tensors
         (delta_softplus, reverse, config, plan, squeeze_B, squeeze_C,
          B_dtype, C_dtype, A_dtype, D_dtype, bias_dtype, h0_dtype) = ctx.meta
         dout = torch.zeros_like(u) if dout is None else _unit_stride(dout)
         dlast = dlast.float().contiguous() if dlast is not None else None
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = scan_bwd(
-            dout, dlast, u, delta, A, B4, C4, D, z, bias, h0, hend, dsum, delta_softplus, reverse, config, plan)
+            dout, dlast, u, delta, A, B4, C4, D, z, bias, seg, dsum, delta_softplus, reverse, config, plan)
         n_state = A.shape[1]
         dB = dB[..., :n_state].transpose(-1, -2).to(B_dtype).contiguous()  # (b, g, N, L)
         dC = dC[..., :n_state].transpose(-1, -2).to(C_dtype).contiguous()
         return (du, ddelta, dA.to(A_dtype), dB.squeeze(1) if squeeze_B else dB, dC.squeeze(1) if squeeze_C else dC,
                 dD.to(D_dtype) if dD is not None else None, dz,
                 dbias.to(bias_dtype) if dbias is not None else None,
-                dh0.to(h0_dtype) if h0 is not None else None,
+                dh0.to(h0_dtype) if h0_dtype is not None else None,
                 None, None, None)
 
 

@@ -216,6 +216,28 @@ def test_triton_many_chunks_matches_loop(poison_empty):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("block_t,bwd_block_t,max_sub,seg_factor,reverse", [
+    (4, 2, 5, 1, True),  # chunks of 20: 10 backward sub-tiles in segments of 4, 4, 2 (the GPU's 4 / 2 split)
+    (2, 4, 6, 2, False),  # chunks of 12: 3 backward sub-tiles, one segment of 4 (longer than the chunk)
+])
+def test_triton_segment_states_match_loop(poison_empty, block_t, bwd_block_t, max_sub, seg_factor, reverse):
+    """The states the forward saves at the backward's segment starts, with forward and backward
+    sub-tiles of different lengths, a partial last segment, and a segment longer than the chunk."""
+    module = triton_module(True)
+    config = module.ScanConfig(block_d=2, block_t=block_t, num_warps=1, bwd_block_d=2, bwd_block_t=bwd_block_t,
+                               bwd_num_warps=1, max_sub=max_sub, min_chunk=4, block_c=2, carry_block_d=2,
+                               carry_num_warps=1, programs_per_sm=4, bwd_programs_per_sm=2, fast_reduce=False,
+                               seg_factor=seg_factor)
+    plan = module._plan(1, 4, 61, 3, 1, config, torch.device("cpu"))
+    assert plan.n_chunks > 1 and (plan.seg_len * bwd_block_t) % block_t == 0
+    inputs = make_inputs(1, 4, 61, 3, z=True, D=True, bias=True, h0=True, seed=5)
+    expected = ground_truth(inputs, True, reverse)
+    got = run_with_grads(triton_fn(config), dict(zip(INPUT_NAMES, leaves([inputs[n] for n in INPUT_NAMES]))),
+                         True, reverse)
+    assert_close_named(got, expected, TOL_FP32, "triton, segment states")
+
+
+@needs_interpreter
 def test_triton_many_states_matches_loop(poison_empty):
     """N > 16 runs chunk_many_states.py (the states over the warps)."""
     assert uses_many_states(20) and not uses_many_states(16)
