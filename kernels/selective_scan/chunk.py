@@ -16,13 +16,14 @@ Forward, three launches:
   1. ``_scan_fwd_kernel`` with STATE_ONLY: per chunk, the end state from a zero start and the
      sum of delta.
   2. ``_chunk_carry_kernel``: per (b, channel block), a scan over chunks: true chunk end states.
-  3. ``_scan_fwd_kernel``: per chunk, the states again from the true start, and the outputs.
+  3. ``_scan_fwd_kernel``: per chunk, the states again from the true start, and the outputs;
+     when a gradient will be needed, also the state entering every segment of the backward.
 Backward, three launches (states are recomputed, never stored per position):
   1. ``_chunk_adjoint_kernel``: per chunk, the adjoint at the chunk start from a zero right carry.
   2. ``_chunk_carry_kernel`` run from the last chunk to the first: the adjoint entering each chunk.
-  3. ``_scan_bwd_kernel``: per chunk, the start states of segments of sub-tiles (a forward
-     pass, kept in a per-program scratch), then segment by segment from the last: the segment's
-     sub-tile start states, then its sub-tiles from last to first: states, adjoints, gradients.
+  3. ``_scan_bwd_kernel``: per chunk, segment by segment from the last, from the segment's start
+     state (saved by the forward): the start states of its sub-tiles (kept in a per-program
+     scratch), then its sub-tiles from last to first: states, adjoints, gradients.
 """
 
 from __future__ import annotations
@@ -233,6 +234,29 @@ def _store_states(base, offs_d, n_state, tile, MASK_N: tl.constexpr, ATOMIC: tl.
 
 
 @triton.jit
+def _load_state_rows(base, offs_d, dim, n_state, BN: tl.constexpr, MASK_N: tl.constexpr):
+    """(BN, BD) float32 tile of a (..., N, dim) tensor at ``base`` (a state's channels
+    contiguous): one coalesced (BD,) load per state."""
+    rows = ()
+    for n in tl.static_range(BN):
+        if MASK_N:
+            row = tl.load(base + n * dim + offs_d, mask=(offs_d * 0 + n) < n_state, other=0.0)
+        else:
+            row = tl.load(base + n * dim + offs_d)
+        rows = rows + (row,)
+    return _stack(rows)
+
+
+@triton.jit
+def _store_state_rows(base, offs_d, dim, n_state, tile, MASK_N: tl.constexpr):
+    """Store a (BN, BD) tile into a (..., N, dim) tensor at ``base``."""
+    rows = _unstack(tile)
+    for n in tl.static_range(len(rows)):
+        mask = (offs_d * 0 + n) < n_state if MASK_N else None
+        tl.store(base + n * dim + offs_d, rows[n], mask=mask)
+
+
+@triton.jit
 def _load_scratch(rows_ptr, BN: tl.constexpr):
     """(BN, BD) tile from BN rows of BD floats (a thread's own values: no barrier needed)."""
     BD: tl.constexpr = rows_ptr.shape[0]
@@ -421,8 +445,8 @@ def _scan_fwd_kernel(
     for s in range(0, n_sub):
         if SAVE_SEG:
             if (s * BT) % seg_pos == 0:
-                _store_states(seg_ptr + ((pid_b * n_chunks + pid_c) * n_seg + (s * BT) // seg_pos) * dim * n_state,
-                              offs_d, n_state, h, MASK_N)
+                _store_state_rows(seg_ptr + ((pid_b * n_chunks + pid_c) * n_seg + (s * BT) // seg_pos) * dim * n_state,
+                                  offs_d, dim, n_state, h, MASK_N)
         p = p_n
         mask_t = mask_n_t
         mask_dt = mask_t[None, :]
@@ -587,7 +611,7 @@ def _scan_bwd_kernel(
 ):
     # Persistent: each program takes items pid, pid + n_programs, ... (an item is a chunk of a
     # channel block). The state entering every segment of seg_len sub-tiles comes from the
-    # forward (seg, (batch, n_chunks, n_seg, dim, N)); the program's scratch holds seg_len states
+    # forward (seg, (batch, n_chunks, n_seg, N, dim)); the program's scratch holds seg_len states
     # of BN rows of BD: the start states of the sub-tiles of the segment at hand.
     # stride_scratch (1 at run time, unspecialised) keeps Triton from vectorising the rows, so
     # that a thread reads back the values it wrote.
@@ -639,8 +663,8 @@ def _scan_bwd_kernel(
             s_first = seg * seg_len
             n_here = tl.minimum(seg_len, n_sub - s_first)
             # start states of the segment's sub-tiles -> scratch slots [0, n_here)
-            h = _load_states(seg_ptr + ((pid_b * n_chunks + pid_c) * n_seg + seg) * dim * n_state, offs_d, n_state,
-                             BN, MASK_N)
+            h = _load_state_rows(seg_ptr + ((pid_b * n_chunks + pid_c) * n_seg + seg) * dim * n_state, offs_d, dim,
+                                 n_state, BN, MASK_N)
             for i in range(0, n_here):
                 _store_scratch(scratch_rows + i * BN * BD, h)
                 p = _positions(pid_c, s_first + i, n_chunks, n_sub, offs_t, REVERSE, BT)
@@ -832,7 +856,7 @@ def scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, initial_state, delta_softplu
     """u, delta, z (b, d, L) with unit stride along L; A (d, N) float32; B4, C4 (b, g, N, L)
     with unit stride along L and the same strides. Returns out (b, d, L) in u's dtype, chunk
     end states (b, nc, d, N) float32, delta sums (b, nc, d) float32, with save_segments the
-    states entering the backward's segments (b, nc, n_seg, d, N) float32 (else None), and the
+    states entering the backward's segments (b, nc, n_seg, N, d) float32 (else None), and the
     plan."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
@@ -842,7 +866,7 @@ def scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, initial_state, delta_softplu
     hend = torch.empty(batch, plan.n_chunks, dim, n_state, **f32)
     dsum = torch.empty(batch, plan.n_chunks, dim, **f32)
     out = torch.empty(batch, dim, length, dtype=u.dtype, device=u.device)
-    seg = torch.empty(batch, plan.n_chunks, plan.n_seg, dim, n_state, **f32) if save_segments else None
+    seg = torch.empty(batch, plan.n_chunks, plan.n_seg, n_state, dim, **f32) if save_segments else None
     if length == 0:
         return out, hend, dsum, seg, plan
     grid = (plan.n_chunks, dim // plan.block_d, batch)
