@@ -148,7 +148,8 @@ def main(argv=None):
                 diff = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
                            for a, b in zip(results(config), reference))
                 diff = f" {diff:10.2e}"
-            print(f"{dim:>5} {n_state:>3} {length:>8} {name:>14} {fwd:8.3f} {fb - fwd:8.3f} {fb:8.3f}{diff}", flush=True)
+            print(f"{dim:>5} {n_state:>3} {length:>8} {name:>14} {fwd:8.3f} {fb - fwd:8.3f} {fb:8.3f}{diff}",
+                  flush=True)
         del inputs
         torch.cuda.empty_cache()
 
