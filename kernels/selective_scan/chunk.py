@@ -807,6 +807,8 @@ def _plan(batch, dim, length, n_state, groups, config: ScanConfig, device) -> _P
     for name in ("block_t", "bwd_block_t"):
         if getattr(config, name) not in (2, 4):
             raise ValueError(f"ScanConfig.{name} must be 2 or 4, got {getattr(config, name)}")
+    if config.seg_factor < 1:
+        raise ValueError(f"ScanConfig.seg_factor must be at least 1, got {config.seg_factor}")
     dim_per_group = dim // groups
     block_d = _block_d_for(config.block_d, dim, dim_per_group)
     bwd_block_d = _block_d_for(config.bwd_block_d, dim, dim_per_group)

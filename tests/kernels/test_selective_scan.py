@@ -112,6 +112,22 @@ def triton_fn(config=None):
     return run
 
 
+def small_config(**fields):
+    """Interpreter-sized tiles (two channels a program, one warp, a carry of two chunks a step)
+    with ``fields`` (block_t, bwd_block_t, max_sub, ...) chosen by the test."""
+    base = dict(block_d=2, num_warps=1, bwd_block_d=2, bwd_num_warps=1, min_chunk=4, block_c=2, carry_block_d=2,
+                carry_num_warps=1, programs_per_sm=4, bwd_programs_per_sm=2, fast_reduce=False)
+    return triton_module(True).ScanConfig(**{**base, **fields})
+
+
+def triton_and_loop(config, inputs, reverse):
+    """(Triton in the interpreter with ``config``, the float64 loop): outputs and gradients, softplus on."""
+    expected = ground_truth(inputs, True, reverse)
+    got = run_with_grads(triton_fn(config), dict(zip(INPUT_NAMES, leaves([inputs[n] for n in INPUT_NAMES]))),
+                         True, reverse)
+    return got, expected
+
+
 def ground_truth(inputs, softplus, reverse):
     as64 = dict(zip(INPUT_NAMES, float64_leaves([inputs[n] for n in INPUT_NAMES])))
     return run_with_grads(loop_fn, as64, softplus, reverse)
@@ -204,14 +220,9 @@ def test_triton_matches_loop(poison_empty, batch, dim, length, n_state, groups, 
 def test_triton_many_chunks_matches_loop(poison_empty):
     """Chunks of 12 positions in sub-tiles of 2 (the backward's segments of three), and a carry
     kernel that moves 2 chunks per step: six chunks, three carry steps in each direction."""
-    config = triton_module(True).ScanConfig(block_d=2, block_t=2, num_warps=1, bwd_block_d=2, bwd_block_t=2,
-                                            bwd_num_warps=1, max_sub=6, min_chunk=4, block_c=2, carry_block_d=2,
-                                            carry_num_warps=1, programs_per_sm=4, bwd_programs_per_sm=2,
-                                            fast_reduce=False)
+    config = small_config(block_t=2, bwd_block_t=2, max_sub=6)
     inputs = make_inputs(2, 4, 70, 3, z=True, D=True, bias=True, h0=True, seed=3)
-    expected = ground_truth(inputs, True, False)
-    got = run_with_grads(triton_fn(config), dict(zip(INPUT_NAMES, leaves([inputs[n] for n in INPUT_NAMES]))),
-                         True, False)
+    got, expected = triton_and_loop(config, inputs, reverse=False)
     assert_close_named(got, expected, TOL_FP32, "triton, many chunks")
 
 
@@ -223,18 +234,18 @@ def test_triton_many_chunks_matches_loop(poison_empty):
 def test_triton_segment_states_match_loop(poison_empty, block_t, bwd_block_t, max_sub, seg_factor, reverse):
     """The states the forward saves at the backward's segment starts, with forward and backward
     sub-tiles of different lengths, a partial last segment, and a segment longer than the chunk."""
-    module = triton_module(True)
-    config = module.ScanConfig(block_d=2, block_t=block_t, num_warps=1, bwd_block_d=2, bwd_block_t=bwd_block_t,
-                               bwd_num_warps=1, max_sub=max_sub, min_chunk=4, block_c=2, carry_block_d=2,
-                               carry_num_warps=1, programs_per_sm=4, bwd_programs_per_sm=2, fast_reduce=False,
-                               seg_factor=seg_factor)
-    plan = module._plan(1, 4, 61, 3, 1, config, torch.device("cpu"))
+    config = small_config(block_t=block_t, bwd_block_t=bwd_block_t, max_sub=max_sub, seg_factor=seg_factor)
+    plan = triton_module(True)._plan(1, 4, 61, 3, 1, config, torch.device("cpu"))
     assert plan.n_chunks > 1 and (plan.seg_len * bwd_block_t) % block_t == 0
     inputs = make_inputs(1, 4, 61, 3, z=True, D=True, bias=True, h0=True, seed=5)
-    expected = ground_truth(inputs, True, reverse)
-    got = run_with_grads(triton_fn(config), dict(zip(INPUT_NAMES, leaves([inputs[n] for n in INPUT_NAMES]))),
-                         True, reverse)
+    got, expected = triton_and_loop(config, inputs, reverse=reverse)
     assert_close_named(got, expected, TOL_FP32, "triton, segment states")
+
+
+@needs_interpreter
+def test_scan_config_refuses_empty_segments():
+    with pytest.raises(ValueError, match="seg_factor must be at least 1"):
+        triton_module(True)._plan(1, 4, 61, 3, 1, small_config(seg_factor=0), torch.device("cpu"))
 
 
 @needs_interpreter
