@@ -16,8 +16,8 @@ forward+backward, above what the inputs and dy already hold.
 
 Host overhead: a timed call includes launching its kernels from Python. Where the GPU work is
 short (L = 16k) that launch time, not the kernels, sets the time (our forward is three Triton
-launches and a few tensor allocations, about 0.1 ms to 0.3 ms of CPU time on the benchmark
-machine). The "graph" columns therefore also time each call captured once in a CUDA graph
+launches and a few tensor allocations: about 0.3 ms of CPU time on the benchmark machine, the
+forward+backward about 1 ms). The "graph" columns therefore also time each call captured once in a CUDA graph
 (``torch.cuda.graph``, forward under no_grad, forward+backward with the gradients) and
 replayed: the GPU's own time, for Triton and mamba-ssm alike.
 
