@@ -18,6 +18,12 @@ torch.cuda.max_memory_allocated above what the inputs already hold, for an infer
 grad) and for forward + backward. Inputs are not rotated: at the small grids they sit in
 the 50 MB L2, as they did for the quoted numbers.
 
+The "(graph)" columns time ours and the Triton 1D scan replayed from CUDA graphs (medians of 30):
+the GPU's time without the host's work of preparing and launching each call, which at the small
+grids is most of the event-timed figure and varies from run to run with the host. "bwd ms
+(graph)" is the forward + backward graph less the inference forward graph (the training forward
+also stores the column checkpoints, so it slightly overstates the backward).
+
 Floor of the forward (a lower bound, not a target): the larger of
   bytes / bandwidth: u, delta, z read and y written (4 x b*d*H*W*4 bytes) plus B and C read
   (2 x b*N*H*W*4 bytes), over 3.0e12 B/s (a device-to-device copy measured on this H100);
@@ -169,6 +175,14 @@ def measure(fn, inputs, fast, with_backward=True, bwd_alone=True):
         out["fwd"], out["fwd_peak"] = time_ms(fwd, warmup, reps), peak_mib(fwd)
         if with_backward:
             out["fwd_bwd"], out["fwd_bwd_peak"] = time_ms(fwd_bwd, warmup, reps), peak_mib(fwd_bwd)
+            # the same calls replayed from CUDA graphs: GPU time without the host's launch work
+            from bench_selective_scan import bench_graphed
+
+            graph_inputs = {k: v.detach().clone() for k, v in inputs.items()}
+            out["fwd_graph"], out["fwd_bwd_graph"] = bench_graphed(
+                lambda: fn(**graph_inputs, delta_softplus=True), graph_inputs,
+                lambda call, reps: time_ms(call, warmup, reps), reps)
+            out["bwd_graph"] = out["fwd_bwd_graph"] - out["fwd_graph"]
     else:
         fwd()
         out["fwd"], out["fwd_peak"] = timed_once(fwd)
@@ -226,21 +240,22 @@ def run_table(args, config=None):
                 torch.cuda.empty_cache()
                 results[name] = res
                 rows.append([f"{side}x{side}", dim, label, fmt(res.get("fwd")), fmt(res.get("bwd")),
-                             fmt(res.get("fwd_bwd")), fmt(res.get("fwd_peak")), fmt(res.get("fwd_bwd_peak")),
-                             res.get("note", "")])
+                             fmt(res.get("fwd_bwd")), fmt(res.get("fwd_graph")), fmt(res.get("bwd_graph")),
+                             fmt(res.get("fwd_peak")), fmt(res.get("fwd_bwd_peak")), res.get("note", "")])
                 print("| " + " | ".join(str(c) for c in rows[-1]) + " |", file=sys.stderr, flush=True)
             ratio_rows.append(ratio_row(side, dim, args, results))
             del inputs
             torch.cuda.empty_cache()
     print(f"\n2D selective scan, {torch.cuda.get_device_name()}, float32, batch {args.batch}, N {args.state} "
           f"(times in ms, peaks in MiB above the inputs)\n")
-    print_table(["grid", "dim", "method", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd peak MiB", "fwd+bwd peak MiB",
-                 "note"], rows)
+    print_table(["grid", "dim", "method", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd ms (graph)", "bwd ms (graph)",
+                 "fwd peak MiB", "fwd+bwd peak MiB", "note"], rows)
     print("\nRatios (x > 1: ours is faster / smaller). 2DMamba = their CUDA kernel, QUOTED from the issue "
           "(external, not measured here); 1D = time of our 1D scan over the same H*W positions / ours, "
           "i.e. our throughput as a fraction of the 1D scan's.\n")
     print_table(["grid", "dim", "floor fwd ms", "ours fwd ms", "2DMamba fwd ms (quoted)", "vs 2DMamba fwd",
-                 "ours bwd ms", "2DMamba bwd ms (quoted)", "vs 2DMamba bwd", "vs naive fwd", "vs naive fwd+bwd",
+                 "ours bwd ms", "2DMamba bwd ms (quoted)", "vs 2DMamba bwd", "vs 2DMamba fwd / bwd (graph)",
+                 "vs naive fwd", "vs naive fwd+bwd",
                  "vs reference fwd+bwd", "vs 1D fwd", "vs 1D fwd+bwd", "naive / ours fwd peak"], ratio_rows)
     if "ours" in args.methods:
         from mambapath.kernels.selective_scan_2d import triton_module
@@ -264,6 +279,7 @@ def ratio_row(side, dim, args, results):
     return [f"{side}x{side}", dim, f"{floor:.3f}", fmt(ours.get("fwd")),
             fmt(quoted[0]) if quoted else "-", ratio(quoted[0], "fwd") if quoted else "-",
             fmt(ours.get("bwd")), fmt(quoted[1]) if quoted else "-", ratio(quoted[1], "bwd") if quoted else "-",
+            f"{ratio(quoted[0], 'fwd_graph')} / {ratio(quoted[1], 'bwd_graph')}" if quoted else "-",
             ratio("naive", "fwd"), ratio("naive", "fwd_bwd"), ratio("reference", "fwd_bwd"),
             ratio("scan1d", "fwd"), ratio("scan1d", "fwd_bwd"), ratio("naive", "fwd_peak")]
 
@@ -295,6 +311,9 @@ BWD_CANDIDATES = {
     "bwd 16x16 N2 w1": dict(bwd_states=2, bwd_warps=1),
     "bwd 8x16 N8 w2": dict(CH=8, bwd_states=8, bwd_warps=2),
     "bwd 16x16 N8 w4, carry 32 cols": dict(bwd_states=8, bwd_warps=4, carry_cols=32),
+    "bwd 16x16 N16 w4": dict(bwd_states=16, bwd_warps=4),
+    "bwd 16x16 N8 w8": dict(bwd_states=8, bwd_warps=8),
+    "bwd 16x8 N16 w4": dict(CW=8, bwd_states=16, bwd_warps=4),
 }
 TUNE_SHAPES = [(128, 128), (256, 512)]  # (grid side, dim), both with quoted 2DMamba times
 

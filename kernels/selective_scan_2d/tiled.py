@@ -31,10 +31,11 @@ class TileConfig:
     that B and C are loaded once for all of them. The backward splits the N states into blocks
     of bwd_states, one program each (their sums over states are then added atomically).
 
-    The defaults are the best forward and backward candidates of
-    ``benchmarks/bench_selective_scan_2d.py --tune`` on an H100 (grids 128x128 with 128 channels
-    and 256x256 with 512, N = 16): one channel per forward program and all 16 states in one
-    backward program; blocks of channels or states were slower there."""
+    The defaults come from ``benchmarks/bench_selective_scan_2d.py --tune`` on an H100 (grids
+    128x128 with 128 channels and 256x256 with 512, N = 16): one channel per forward program and
+    all 16 states in one backward program of 4 warps; blocks of channels or states were slower
+    there. Backward tiles of 8 columns (CW = 8) were 6% faster still, but CW also sets the
+    forward's row-carry spacing, and the forward lost more than that (README.md)."""
 
     CW: int = 16
     CH: int = 16
@@ -45,7 +46,7 @@ class TileConfig:
     carry_cols: int = 16  # columns per program of the column-carry kernel
     carry_warps: int = 2
     bwd_states: int = 16
-    bwd_warps: int = 8
+    bwd_warps: int = 4
 
     def check(self) -> None:
         for name in ("CW", "CH", "fwd_cols", "fwd_channels", "carry_channels", "carry_cols", "bwd_states"):
@@ -77,16 +78,22 @@ def _softplus(v):
 
 
 @triton.jit
-def _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-             COMPUTE: tl.constexpr):
-    """dt = softplus(delta + bias) at offs, 0 where mask is False; also returns delta + bias."""
-    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+def _dt_of(delta, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """dt = softplus(delta + bias), 0 where mask is False; also returns delta + bias."""
+    raw = delta
     if HAS_BIAS:
         raw = raw + bias
     dt = raw
     if SOFTPLUS:
         dt = _softplus(raw)
     return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+             COMPUTE: tl.constexpr):
+    """dt = softplus(delta + bias) at offs, 0 where mask is False; also returns delta + bias."""
+    return _dt_of(tl.load(delta_ptr + offs, mask=mask, other=0.0).to(COMPUTE), mask, bias, HAS_BIAS, SOFTPLUS)
 
 
 @triton.jit
@@ -169,16 +176,38 @@ def _fwd_kernel(
     m_left = m_chan[:, None] & ((states * 0 + pid_c) > 0)[None, :]  # (DB, NP)
     first_col = (tj == 0)[None, :, None]
     h = tl.zeros((DB, TW, NP), dtype=COMPUTE)  # the column pass's state, row above
+    # a row's inputs are loaded one row ahead, so that their latency overlaps the row before
+    offs = base[:, None] + cols[None, :]  # (DB, TW), row 0
+    offs_bc = base_B + states[None, :] * H * W + cols[:, None]  # (TW, NP)
+    delta_next = tl.load(delta_ptr + offs, mask=m2, other=0.0)
+    u_next = tl.load(u_ptr + offs, mask=m2, other=0.0)
+    B_next = tl.load(B_ptr + offs_bc, mask=m_bc, other=0.0)
+    C_next = tl.load(C_ptr + offs_bc, mask=m_bc, other=0.0)
+    left_next = tl.load(carry_ptr + base_carry[:, None] + states[None, :], mask=m_left, other=0.0)  # (DB, NP)
+    z_next = delta_next  # a placeholder without z (never read then)
+    if HAS_Z:
+        z_next = tl.load(z_ptr + offs, mask=m2, other=0.0)
     for i in range(0, H):
-        offs = base[:, None] + i * W + cols[None, :]  # (DB, TW)
-        offs_bc = base_B + states[None, :] * H * W + i * W + cols[:, None]  # (TW, NP)
-        dt, _ = _load_dt(delta_ptr, offs, m2, bias, HAS_BIAS, SOFTPLUS, COMPUTE)
-        u = tl.load(u_ptr + offs, mask=m2, other=0.0).to(COMPUTE)
-        Bv = tl.load(B_ptr + offs_bc, mask=m_bc, other=0.0).to(COMPUTE)
+        offs = base[:, None] + i * W + cols[None, :]
+        dt, _ = _dt_of(delta_next.to(COMPUTE), m2, bias, HAS_BIAS, SOFTPLUS)
+        u = u_next.to(COMPUTE)
+        Bv = B_next.to(COMPUTE)
+        Cv = C_next.to(COMPUTE)
+        g_left = left_next
+        zv = z_next.to(COMPUTE)
+        more = (tj * 0 + i + 1) < H  # (TW,): a next row exists
+        m_next = m2 & more[None, :]
+        offs_next = offs + W
+        delta_next = tl.load(delta_ptr + offs_next, mask=m_next, other=0.0)
+        u_next = tl.load(u_ptr + offs_next, mask=m_next, other=0.0)
+        B_next = tl.load(B_ptr + offs_bc + (i + 1) * W, mask=m_bc & more[:, None], other=0.0)
+        C_next = tl.load(C_ptr + offs_bc + (i + 1) * W, mask=m_bc & more[:, None], other=0.0)
+        left_next = tl.load(carry_ptr + base_carry[:, None] + (i + 1) * NP + states[None, :],
+                            mask=m_left & ((states * 0 + i + 1) < H)[None, :], other=0.0)
+        if HAS_Z:
+            z_next = tl.load(z_ptr + offs_next, mask=m_next, other=0.0)
         a = tl.exp(dt[:, :, None] * A[:, None, :])  # (DB, TW, NP)
         x = (dt * u)[:, :, None] * Bv[None, :, :]
-        g_left = tl.load(carry_ptr + base_carry[:, None] + i * NP + states[None, :], mask=m_left,
-                         other=0.0)  # (DB, NP)
         x = x + tl.where(first_col, a * g_left[:, None, :], 0.0)
         _, g = tl.associative_scan((a, x), 1, _affine_combine)  # pass 1 along the row
         if STORE_CKPT:
@@ -187,26 +216,24 @@ def _fwd_kernel(
             tl.store(ckpt_ptr + base_ckpt[:, None, None] + (i // CH - 1) * W * NP + cols[None, :, None] * NP
                      + states[None, None, :], h, mask=(m2 & at_stripe[None, :])[:, :, None])
         h = a * h + g  # pass 2 down the columns
-        Cv = tl.load(C_ptr + offs_bc, mask=m_bc, other=0.0).to(COMPUTE)
         y = tl.sum(h * Cv[None, :, :], axis=2)  # (DB, TW)
         if HAS_D:
             y = y + skip * u
         if HAS_Z:
-            zv = tl.load(z_ptr + offs, mask=m2, other=0.0).to(COMPUTE)
             y = y * zv * tl.sigmoid(zv)
         tl.store(y_ptr + offs, y, mask=m2)
 
 
 @triton.jit
 def _col_carry_kernel(
-    delta_ptr, bias_ptr, z_ptr, dout_ptr, C_ptr, A_ptr, carry_ptr,
+    delta_ptr, bias_ptr, z_ptr, dout_ptr, Ct_ptr, A_ptr, carry_ptr,
     H, W, DIM, N, N_CH, N_NB,
     CH: tl.constexpr, TW: tl.constexpr, NB: tl.constexpr, NP: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     """carry[b, d, s, j, :] = a[i0, j] * dh[i0, j] with i0 = (s + 1) * CH: the column adjoint that
     flows up out of stripe s + 1 into stripe s, for s < N_CH - 1. One program per (block of TW
-    columns, channel, batch and block of NB states), stripes bottom to top."""
+    columns, channel, batch and block of NB states), stripes bottom to top. C is (batch, H, W, N)."""
     pid_c = tl.program_id(0)
     d = tl.program_id(1)
     b = (tl.program_id(2) // N_NB).to(tl.int64)
@@ -233,7 +260,7 @@ def _col_carry_kernel(
         if HAS_Z:
             zv = tl.load(z_ptr + base + offs, mask=m2, other=0.0).to(COMPUTE)
             dy = dy * zv * tl.sigmoid(zv)
-        Cv = tl.load(C_ptr + base_B + states[None, None, :] * H * W + offs[:, :, None],
+        Cv = tl.load(Ct_ptr + base_B + offs[:, :, None] * N + states[None, None, :],
                      mask=m2[:, :, None] & m_state[None, None, :], other=0.0).to(COMPUTE)  # (CH, TW, NB)
         cum = tl.cumsum(dt, axis=0)  # (CH, TW): sum of dt from the stripe's top row
         total = tl.sum(dt, axis=0)  # (TW,)
@@ -246,9 +273,9 @@ def _col_carry_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    delta_ptr, bias_ptr, u_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, A_ptr, D_ptr,
+    delta_ptr, bias_ptr, u_ptr, z_ptr, dout_ptr, Bt_ptr, Ct_ptr, A_ptr, D_ptr,
     row_carry_ptr, ckpt_ptr, col_carry_ptr,
-    ddelta_ptr, du_ptr, dz_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
+    ddelta_ptr, du_ptr, dz_ptr, dBt_ptr, dCt_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
     H, W, DIM, N, N_CW, N_CH, N_NB,
     CH: tl.constexpr, CW: tl.constexpr, NB: tl.constexpr, NP: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
@@ -256,8 +283,10 @@ def _bwd_kernel(
 ):
     """One program per (row stripe of CH, channel, batch and block of NB states); tiles of CW
     columns right to left. Each tile recomputes g and h from the saved carries, then runs the
-    two adjoint scans. With several state blocks (SPLIT) the sums over states (ddelta, du, dz)
-    are accumulated atomically; the D terms come from the first block only."""
+    two adjoint scans. B, C and their gradients are (batch, H, W, N): a position's states are
+    contiguous. With several state blocks (SPLIT) the sums over states (ddelta, du, dz) are
+    accumulated atomically; the D terms come from the first block only. All atomics are
+    relaxed: they are sums, ordered by nothing."""
     pid_s = tl.program_id(0)
     d = tl.program_id(1)
     b = (tl.program_id(2) // N_NB).to(tl.int64)
@@ -299,11 +328,11 @@ def _bwd_kernel(
         m2 = m_row[:, None] & m_col[None, :]  # (CH, CW)
         m3 = m2[:, :, None] & m_state[None, None, :]  # (CH, CW, NB)
         offs = rows[:, None] * W + cols[None, :]
-        offs3 = states[None, None, :] * H * W + offs[:, :, None]
+        offs3 = offs[:, :, None] * N + states[None, None, :]  # (batch, H, W, N) layout
         dt, raw = _load_dt(delta_ptr + base, offs, m2, bias, HAS_BIAS, SOFTPLUS, COMPUTE)
         u = tl.load(u_ptr + base + offs, mask=m2, other=0.0).to(COMPUTE)
-        Bv = tl.load(B_ptr + base_B + offs3, mask=m3, other=0.0).to(COMPUTE)
-        Cv = tl.load(C_ptr + base_B + offs3, mask=m3, other=0.0).to(COMPUTE)
+        Bv = tl.load(Bt_ptr + base_B + offs3, mask=m3, other=0.0).to(COMPUTE)
+        Cv = tl.load(Ct_ptr + base_B + offs3, mask=m3, other=0.0).to(COMPUTE)
         # forward states of the tile, recomputed from the carries on its left and top edges
         a = tl.exp(dt[:, :, None] * A[None, None, :])  # (CH, CW, NB)
         x = (dt * u)[:, :, None] * Bv
@@ -325,11 +354,11 @@ def _bwd_kernel(
             sig = tl.sigmoid(zv)
             dz = dout * y * sig * (1.0 + zv * (1.0 - sig))
             if SPLIT:
-                tl.atomic_add(dz_ptr + base + offs, dz, mask=m2)
+                tl.atomic_add(dz_ptr + base + offs, dz, mask=m2, sem="relaxed")
             else:
                 tl.store(dz_ptr + base + offs, dz, mask=m2)
             dy = dout * zv * sig
-        tl.atomic_add(dC_ptr + base_B + offs3, h * dy[:, :, None], mask=m3)
+        tl.atomic_add(dCt_ptr + base_B + offs3, h * dy[:, :, None], mask=m3, sem="relaxed")
         # column adjoint: dh[i] = C dy[i] + a[i+1] dh[i+1], bottom to top
         dt_dn, _ = _load_dt(delta_ptr + base, offs + W, m_row_dn[:, None] & m_col[None, :], bias, HAS_BIAS,
                             SOFTPLUS, COMPUTE)
@@ -347,7 +376,7 @@ def _bwd_kernel(
         dg_right = tl.sum(tl.where(first_col, a * dg, 0.0), axis=1)  # (CH, NB)
         # a * g[j-1] = g - x and a * h[i-1] = h - g: the decay's two inputs without a shift
         dlog_a = dg * (g - x) + dh * (h - g)  # d(out)/d(log a), (CH, CW, NB)
-        tl.atomic_add(dB_ptr + base_B + offs3, dg * (dt * u)[:, :, None], mask=m3)
+        tl.atomic_add(dBt_ptr + base_B + offs3, dg * (dt * u)[:, :, None], mask=m3, sem="relaxed")
         ddt = tl.sum(dlog_a * A[None, None, :] + dg * Bv * u[:, :, None], axis=2)  # (CH, CW)
         du = tl.sum(dg * Bv, axis=2) * dt
         if HAS_D:
@@ -359,8 +388,8 @@ def _bwd_kernel(
         ddt = tl.where(m2, ddt, 0.0)
         dbias_acc += ddt
         if SPLIT:
-            tl.atomic_add(ddelta_ptr + base + offs, ddt, mask=m2)
-            tl.atomic_add(du_ptr + base + offs, du, mask=m2)
+            tl.atomic_add(ddelta_ptr + base + offs, ddt, mask=m2, sem="relaxed")
+            tl.atomic_add(du_ptr + base + offs, du, mask=m2, sem="relaxed")
         else:
             tl.store(ddelta_ptr + base + offs, ddt, mask=m2)
             tl.store(du_ptr + base + offs, du, mask=m2)
@@ -450,33 +479,37 @@ def _launch_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     z_arg = z if z is not None else dummy
     col_carry = (torch.empty(batch, dim, n_ch - 1, width, NP, device=dev, dtype=compute)
                  if n_ch > 1 else dummy)
+    # B and C with a position's states contiguous (coalesced loads and atomic adds)
+    Bt = B.permute(0, 2, 3, 1).contiguous()
+    Ct = C.permute(0, 2, 3, 1).contiguous()
     if n_ch > 1:
         grid = (triton.cdiv(width, cfg.carry_cols), dim, batch * n_nb)
         _col_carry_kernel[grid](
-            delta, bias_arg, z_arg, dout, C, A, col_carry, height, width, dim, n_state, n_ch, n_nb,
+            delta, bias_arg, z_arg, dout, Ct, A, col_carry, height, width, dim, n_state, n_ch, n_nb,
             CH=cfg.CH, TW=cfg.carry_cols, NB=NB, NP=NP, num_warps=cfg.carry_warps, **flags)
     # sums over states: one program per state block adds its share (in the compute dtype)
     new = torch.zeros if split else torch.empty
     ddelta = new(delta.shape, device=dev, dtype=compute if split else delta.dtype)
     du = new(u.shape, device=dev, dtype=compute if split else u.dtype)
     dz = new(z.shape, device=dev, dtype=compute if split else z.dtype) if z is not None else dummy
-    # B and C are shared by all channels: their gradients are summed across programs atomically
-    dB = torch.zeros(B.shape, device=dev, dtype=compute)
-    dC = torch.zeros(C.shape, device=dev, dtype=compute)
+    # B and C are shared by all channels: their gradients are summed across programs atomically,
+    # (batch, H, W, N) like Bt and Ct
+    dBt = torch.zeros(2, batch, height, width, n_state, device=dev, dtype=compute)
     dA_part = torch.empty(batch, n_ch, dim, NP, device=dev, dtype=compute)
     dD_part = torch.empty(batch, n_ch, n_nb, dim, device=dev, dtype=compute)
     dbias_part = torch.empty(batch, n_ch, n_nb, dim, device=dev, dtype=compute)
     grid = (n_ch, dim, batch * n_nb)
     _bwd_kernel[grid](
-        delta, bias_arg, u, z_arg, dout, B, C, A, D if D is not None else dummy,
+        delta, bias_arg, u, z_arg, dout, Bt, Ct, A, D if D is not None else dummy,
         row_carry, ckpt, col_carry,
-        ddelta, du, dz, dB, dC, dA_part, dD_part, dbias_part,
+        ddelta, du, dz, dBt[0], dBt[1], dA_part, dD_part, dbias_part,
         height, width, dim, n_state, n_cw, n_ch, n_nb,
         CH=cfg.CH, CW=cfg.CW, NB=NB, NP=NP, HAS_D=D is not None, SPLIT=split, num_warps=cfg.bwd_warps,
         **flags)
     dA = dA_part.sum(dim=(0, 1))[:, :n_state].to(A.dtype)
     dD = dD_part.sum(dim=(0, 1, 2)).to(D.dtype) if D is not None else None
     dbias = dbias_part.sum(dim=(0, 1, 2)).to(delta_bias.dtype) if delta_bias is not None else None
+    dB, dC = dBt.permute(0, 1, 4, 2, 3)
     return (du.to(u.dtype), ddelta.to(delta.dtype), dA, dB.to(B.dtype), dC.to(C.dtype), dD,
             dz.to(z.dtype) if z is not None else None, dbias)
 
