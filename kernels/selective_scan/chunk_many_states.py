@@ -558,16 +558,16 @@ def _scan_bwd_kernel(
                 dBt = tl.sum(g * (dt * u)[:, None, :], axis=2)  # (BT, BN)
                 dCt = tl.sum(hs * dy[:, None, :], axis=2)
                 mask_tn = mask_c[:, None] & mask_n[None, :]
-                tl.atomic_add(dB_cols + pos_c[:, None], dBt, mask=mask_tn)
-                tl.atomic_add(dC_cols + pos_c[:, None], dCt, mask=mask_tn)
+                tl.atomic_add(dB_cols + pos_c[:, None], dBt, mask=mask_tn, sem="relaxed")
+                tl.atomic_add(dC_cols + pos_c[:, None], dCt, mask=mask_tn, sem="relaxed")
             # the next segment rewrites the sub-tile rows
             tl.debug_barrier()
 
-        tl.atomic_add(dA_ptr + state_ptrs, dA_acc, mask=mask_n[:, None])
+        tl.atomic_add(dA_ptr + state_ptrs, dA_acc, mask=mask_n[:, None], sem="relaxed")
         if HAS_D:
-            tl.atomic_add(dD_ptr + offs_d, dD_acc)
+            tl.atomic_add(dD_ptr + offs_d, dD_acc, sem="relaxed")
         if HAS_DBIAS:
-            tl.atomic_add(ddbias_ptr + offs_d, ddbias_acc)
+            tl.atomic_add(ddbias_ptr + offs_d, ddbias_acc, sem="relaxed")
         # the next chunk of this program rewrites the segment rows
         tl.debug_barrier()
 
