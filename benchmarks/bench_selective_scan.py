@@ -15,11 +15,12 @@ and one ``backward`` of <y, dy>. Peak memory is ``torch.cuda.max_memory_allocate
 forward+backward, above what the inputs and dy already hold.
 
 Host overhead: a timed call includes launching its kernels from Python. Where the GPU work is
-short (L = 16k) that launch time, not the kernels, sets the time (our forward is three Triton
-launches and a few tensor allocations: about 0.3 ms of CPU time on the benchmark machine, the
-forward+backward about 1 ms). The "graph" columns therefore also time each call captured once in a CUDA graph
-(``torch.cuda.graph``, forward under no_grad, forward+backward with the gradients) and
-replayed: the GPU's own time, for Triton and mamba-ssm alike.
+short (L = 16k) that launch time, not the kernels, sets the time (our forward is three kernel
+launches and a few tensor allocations: about 0.2 ms of CPU time on the benchmark machine, the
+forward+backward about 0.8 ms; bench_launch_overhead.py measures it). The "graph" columns
+therefore also time each call captured once in a CUDA graph (``torch.cuda.graph``, forward
+under no_grad, forward+backward with the gradients) and replayed: the GPU's own time, for
+Triton and mamba-ssm alike.
 
 The call measured is a Mamba layer's: u, delta (1, dim, L); A (dim, N); B, C (1, N, L); D and
 delta_bias (dim,); softplus on; no gate z unless ``--gate`` (the default grid) adds the rows

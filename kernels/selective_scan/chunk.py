@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from mambapath.kernels.launch import launcher
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -81,6 +83,7 @@ class ScanConfig:
     seg_factor: int = 1
 
 
+@functools.lru_cache(maxsize=16)
 def default_config(n_state: int, interpret: bool) -> ScanConfig:
     """Tile sizes for N states; tiny ones for Triton's interpreter."""
     if interpret:
@@ -884,10 +887,10 @@ def scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, initial_state, delta_softplu
             z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
             out.stride(0), out.stride(1))
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None)
-    _scan_fwd_kernel[grid](*args, STATE_ONLY=True, SAVE_SEG=False, PREFETCH=config.prefetch_state,
+    launcher(_scan_fwd_kernel)[grid](*args, STATE_ONLY=True, SAVE_SEG=False, PREFETCH=config.prefetch_state,
                            **{k: False for k in flags}, **common)
     _launch_carry(dsum, hend, A, initial_state, plan, config, reverse_chunks=False)
-    _scan_fwd_kernel[grid](*args, STATE_ONLY=False, SAVE_SEG=save_segments, PREFETCH=config.prefetch_out, **flags,
+    launcher(_scan_fwd_kernel)[grid](*args, STATE_ONLY=False, SAVE_SEG=save_segments, PREFETCH=config.prefetch_out, **flags,
                            **common)
     return out, hend, dsum, seg, plan
 
@@ -898,7 +901,7 @@ def _launch_carry(dsum, states, A, init, plan: _Plan, config: ScanConfig, revers
     while plan.dim % carry_bd:
         carry_bd //= 2
     grid = (plan.dim // carry_bd, plan.batch)
-    _chunk_carry_kernel[grid](
+    launcher(_chunk_carry_kernel)[grid](
         dsum, states, A, init if init is not None else A, states,
         plan.n_chunks, plan.dim, plan.n_state,
         HAS_INIT=init is not None, REVERSE=reverse_chunks,
@@ -915,10 +918,11 @@ def _fast_reduce(config: ScanConfig, plan: _Plan) -> bool:
 
 
 def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, seg, dsum, delta_softplus, reverse, config,
-             plan: _Plan):
-    """Gradients for u, delta, A, B, C, D, z, delta_bias and initial_state (float32 for A, B, C,
-    D, delta_bias, initial_state; the inputs' dtypes otherwise); those of B and C laid out
-    (b, g, L, BN), the states side by side (zero-padded to BN)."""
+             plan: _Plan, need_dh0=True):
+    """Gradients for u, delta, A, B, C, D, z, delta_bias and, with need_dh0, initial_state
+    (None without; float32 for A, B, C, D, delta_bias, initial_state; the inputs' dtypes
+    otherwise); those of B and C laid out (b, g, L, BN), the states side by side (zero-padded
+    to BN)."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
     groups = B4.shape[1]
@@ -935,12 +939,14 @@ def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, seg, dsum, delt
     # adjoint at each chunk's start: first from a zero right carry, then, in place, the true one
     gcarry = torch.empty(batch, plan.n_chunks, dim, n_state, **f32)
     if length == 0:
-        dh0 = torch.zeros(batch, dim, n_state, **f32) if dlast is None else dlast.float().clone()
+        dh0 = None
+        if need_dh0:
+            dh0 = torch.zeros(batch, dim, n_state, **f32) if dlast is None else dlast.float().clone()
         return du, ddelta, dA, dB, dC, dD, dz, ddbias, dh0
     flags = dict(HAS_DBIAS=delta_bias is not None, SOFTPLUS=delta_softplus, REVERSE=reverse,
                  MASK_N=n_state < plan.block_n)
     zz = z if z is not None else dout
-    _chunk_adjoint_kernel[(plan.n_chunks, dim // plan.block_d, batch)](
+    launcher(_chunk_adjoint_kernel)[(plan.n_chunks, dim // plan.block_d, batch)](
         dout, zz, delta, A, C4, delta_bias if delta_bias is not None else A, gcarry,
         length, dim, n_state, dim // groups, plan.n_sub, plan.n_chunks,
         dout.stride(0), dout.stride(1), zz.stride(0), zz.stride(1), delta.stride(0), delta.stride(1),
@@ -954,7 +960,7 @@ def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, seg, dsum, delt
     n_programs = min(n_items, config.bwd_programs_per_sm * _multiprocessors(u.device))
     scratch = torch.empty(n_programs, plan.seg_len, plan.block_n, plan.bwd_block_d, **f32)
     dzz = dz if dz is not None else du
-    _scan_bwd_kernel[(n_programs,)](
+    launcher(_scan_bwd_kernel)[(n_programs,)](
         u, delta, A, B4, C4, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, dout,
         seg, gcarry, dlast if dlast is not None else A,
         scratch, du, ddelta, dzz, dA, dB, dC, dD if dD is not None else dA, ddbias if ddbias is not None else dA,
@@ -969,7 +975,8 @@ def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, seg, dsum, delt
         BD=plan.bwd_block_d, BN=plan.block_n, BT=plan.bwd_block_t,
         **_launch_options(config.bwd_num_warps, config.bwd_maxnreg),
         **_column_order(plan.bwd_block_t, reverse), **flags)
-    dh0 = gcarry[:, 0].clone()  # the adjoint that leaves the first chunk: d loss / d initial_state
+    # the adjoint that leaves the first chunk: d loss / d initial_state
+    dh0 = gcarry[:, 0].clone() if need_dh0 else None
     return du, ddelta, dA, dB, dC, dD, dz, ddbias, dh0
 
 
@@ -983,7 +990,8 @@ def _unit_stride(t):
 
 class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse, config):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse, config,
+                need_last):
         squeeze_B, squeeze_C = B.dim() == 3, C.dim() == 3
         B4 = _unit_stride(B.unsqueeze(1) if squeeze_B else B)
         C4 = _unit_stride(C.unsqueeze(1) if squeeze_C else C)
@@ -997,7 +1005,9 @@ class SelectiveScanFn(torch.autograd.Function):
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         out, hend, dsum, seg, plan = scan_fwd(u_c, delta_c, A_c, B4, C4, D_c, z_c, bias_c, h0, delta_softplus,
                                               reverse, config, save_segments=any(ctx.needs_input_grad))
-        if u.shape[-1] == 0:
+        if not need_last:
+            last = None
+        elif u.shape[-1] == 0:
             last = h0.clone() if h0 is not None else torch.zeros(u.shape[0], u.shape[1], A.shape[1],
                                                                  dtype=torch.float32, device=u.device)
         else:
@@ -1018,15 +1028,18 @@ class SelectiveScanFn(torch.autograd.Function):
         dout = torch.zeros_like(u) if dout is None else _unit_stride(dout)
         dlast = dlast.float().contiguous() if dlast is not None else None
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = scan_bwd(
-            dout, dlast, u, delta, A, B4, C4, D, z, bias, seg, dsum, delta_softplus, reverse, config, plan)
+            dout, dlast, u, delta, A, B4, C4, D, z, bias, seg, dsum, delta_softplus, reverse, config, plan,
+            need_dh0=ctx.needs_input_grad[8])
         n_state = A.shape[1]
-        dB = dB[..., :n_state].transpose(-1, -2).to(B_dtype).contiguous()  # (b, g, N, L)
-        dC = dC[..., :n_state].transpose(-1, -2).to(C_dtype).contiguous()
+        # (b, g, N, L) views of the (b, g, L, BN) sums, not copied: autograd lays out a leaf's
+        # gradient like the leaf, and in a layer B and C are themselves transposed projections
+        dB = dB[..., :n_state].transpose(-1, -2).to(B_dtype)
+        dC = dC[..., :n_state].transpose(-1, -2).to(C_dtype)
         return (du, ddelta, dA.to(A_dtype), dB.squeeze(1) if squeeze_B else dB, dC.squeeze(1) if squeeze_C else dC,
                 dD.to(D_dtype) if dD is not None else None, dz,
                 dbias.to(bias_dtype) if dbias is not None else None,
-                dh0.to(h0_dtype) if h0_dtype is not None else None,
-                None, None, None)
+                dh0.to(h0_dtype) if dh0 is not None else None,
+                None, None, None, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -1036,10 +1049,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     if config is None:
         config = default_config(A.shape[1], INTERPRETED)
     out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
-                                      reverse, config)
+                                      reverse, config, return_last_state)
     return (out, last) if return_last_state else out
-
-
 
 
 # True when this copy of the module was loaded under TRITON_INTERPRET=1 (the CPU interpreter)

@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from mambapath.kernels.launch import launcher
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -634,13 +636,13 @@ def scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, initial_state, delta_softplu
         return out, hend, dsum, plan
     grid = (plan.n_chunks, plan.n_dblocks, batch)
     flags = dict(HAS_DBIAS=delta_bias is not None, SOFTPLUS=delta_softplus, REVERSE=reverse)
-    _chunk_state_fwd_kernel[grid](
+    launcher(_chunk_state_fwd_kernel)[grid](
         u, delta, A, B4, delta_bias if delta_bias is not None else A, hend, dsum,
         length, dim, n_state, dim // plan.groups, plan.n_sub, plan.n_chunks,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B4.stride(0), B4.stride(1), B4.stride(2),
         BD=plan.block_d, BN=plan.block_n, BT=plan.block_t, num_warps=config.num_warps, **flags)
     _launch_carry(dsum, hend, A, initial_state, plan, config, reverse_chunks=False)
-    _scan_fwd_kernel[grid](
+    launcher(_scan_fwd_kernel)[grid](
         u, delta, A, B4, C4, D if D is not None else A, z if z is not None else u,
         delta_bias if delta_bias is not None else A, initial_state if initial_state is not None else A,
         hend, out,
@@ -660,7 +662,7 @@ def _launch_carry(dsum, states, A, init, plan: _Plan, config: ScanConfig, revers
     while plan.dim % carry_bd:
         carry_bd //= 2
     grid = (plan.dim // carry_bd, plan.batch)
-    _chunk_carry_kernel[grid](
+    launcher(_chunk_carry_kernel)[grid](
         dsum, states, A, init if init is not None else A, states,
         plan.n_chunks, plan.dim, plan.n_state,
         HAS_INIT=init is not None, REVERSE=reverse_chunks,
@@ -691,7 +693,7 @@ def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, initial_state, 
     flags = dict(HAS_DBIAS=delta_bias is not None, SOFTPLUS=delta_softplus, REVERSE=reverse)
     grid = (plan.n_chunks, plan.n_dblocks, batch)
     zz = z if z is not None else dout
-    _chunk_adjoint_kernel[grid](
+    launcher(_chunk_adjoint_kernel)[grid](
         dout, zz, delta, A, C4, delta_bias if delta_bias is not None else A, gcarry,
         length, dim, n_state, dim // groups, plan.n_sub, plan.n_chunks,
         dout.stride(0), dout.stride(1), zz.stride(0), zz.stride(1), delta.stride(0), delta.stride(1),
@@ -704,7 +706,7 @@ def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, initial_state, 
     n_programs = min(n_items, config.bwd_programs_per_sm * _multiprocessors(u.device))
     scratch = torch.empty(n_programs, plan.n_seg + plan.seg_len, plan.block_n, plan.block_d, **f32)
     dzz = dz if dz is not None else du
-    _scan_bwd_kernel[(n_programs,)](
+    launcher(_scan_bwd_kernel)[(n_programs,)](
         u, delta, A, B4, C4, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, dout,
         initial_state if initial_state is not None else A, hend, gcarry, dlast if dlast is not None else A,
         scratch, du, ddelta, dzz, dA, dB, dC, dD if dD is not None else dA, ddbias if ddbias is not None else dA,
@@ -781,8 +783,6 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
                                       reverse, config)
     return (out, last) if return_last_state else out
-
-
 
 
 # True when this copy of the module was loaded under TRITON_INTERPRET=1 (the CPU interpreter)

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mambapath.kernels.launch import launcher
+
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -447,12 +449,12 @@ def _launch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_ck
     bias_arg = delta_bias if delta_bias is not None else dummy
     if n_cw > 1:
         grid = (height, triton.cdiv(dim, cfg.carry_channels), batch)
-        _row_carry_kernel[grid](
+        launcher(_row_carry_kernel)[grid](
             delta, bias_arg, u, B, A, row_carry, height, width, dim, n_state, n_cw,
             DB=cfg.carry_channels, CW=cfg.CW, NP=NP, num_warps=cfg.carry_warps, **flags)
     y = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     grid = (triton.cdiv(width, cfg.fwd_cols), triton.cdiv(dim, cfg.fwd_channels), batch)
-    _fwd_kernel[grid](
+    launcher(_fwd_kernel)[grid](
         delta, bias_arg, u, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
         row_carry, ckpt, y, height, width, dim, n_state, n_cw, n_ch,
         DB=cfg.fwd_channels, TW=cfg.fwd_cols, CW=cfg.CW, CH=cfg.CH, NP=NP,
@@ -484,7 +486,7 @@ def _launch_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     Ct = C.permute(0, 2, 3, 1).contiguous()
     if n_ch > 1:
         grid = (triton.cdiv(width, cfg.carry_cols), dim, batch * n_nb)
-        _col_carry_kernel[grid](
+        launcher(_col_carry_kernel)[grid](
             delta, bias_arg, z_arg, dout, Ct, A, col_carry, height, width, dim, n_state, n_ch, n_nb,
             CH=cfg.CH, TW=cfg.carry_cols, NB=NB, NP=NP, num_warps=cfg.carry_warps, **flags)
     # sums over states: one program per state block adds its share (in the compute dtype)
@@ -499,7 +501,7 @@ def _launch_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     dD_part = torch.empty(batch, n_ch, n_nb, dim, device=dev, dtype=compute)
     dbias_part = torch.empty(batch, n_ch, n_nb, dim, device=dev, dtype=compute)
     grid = (n_ch, dim, batch * n_nb)
-    _bwd_kernel[grid](
+    launcher(_bwd_kernel)[grid](
         delta, bias_arg, u, z_arg, dout, Bt, Ct, A, D if D is not None else dummy,
         row_carry, ckpt, col_carry,
         ddelta, du, dz, dBt[0], dBt[1], dA_part, dD_part, dbias_part,
