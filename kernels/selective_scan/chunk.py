@@ -888,10 +888,10 @@ def scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, initial_state, delta_softplu
             out.stride(0), out.stride(1))
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None)
     launcher(_scan_fwd_kernel)[grid](*args, STATE_ONLY=True, SAVE_SEG=False, PREFETCH=config.prefetch_state,
-                           **{k: False for k in flags}, **common)
+                                     **{k: False for k in flags}, **common)
     _launch_carry(dsum, hend, A, initial_state, plan, config, reverse_chunks=False)
-    launcher(_scan_fwd_kernel)[grid](*args, STATE_ONLY=False, SAVE_SEG=save_segments, PREFETCH=config.prefetch_out, **flags,
-                           **common)
+    launcher(_scan_fwd_kernel)[grid](*args, STATE_ONLY=False, SAVE_SEG=save_segments, PREFETCH=config.prefetch_out,
+                                     **flags, **common)
     return out, hend, dsum, seg, plan
 
 
