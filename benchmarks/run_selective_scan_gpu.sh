@@ -55,7 +55,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv,no
 tests=${TESTS:-float32 or bfloat16 or tile_configs}
 if [ "$tests" != none ]; then
   if [ "$tests" = all ]; then select=(); else select=(-k "$tests"); fi
-  timeout 170 python3 -m pytest tests/kernels/test_selective_scan_gpu.py -q -rf -p no:cacheprovider "${select[@]}" \
+  timeout 330 python3 -m pytest tests/kernels/test_selective_scan_gpu.py -q -rf -p no:cacheprovider "${select[@]}" \
     > "$out/gpu_tests.txt" 2>&1
   echo "gpu tests exit $?"; tail -n 15 "$out/gpu_tests.txt"
   timeout 90 python3 benchmarks/bench_mambaback_memory.py --device cuda --preset paper --scan-backend triton \
