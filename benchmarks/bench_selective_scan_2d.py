@@ -294,14 +294,11 @@ def print_table(header, rows):
 # Candidates for --tune: forward ones (the backward's parameters at their defaults) and backward
 # ones; the best of each (time over 2DMamba's quoted time, summed over TUNE_SHAPES) are combined.
 FWD_CANDIDATES = {
-    "fwd 1ch x32 w1": dict(fwd_channels=1, fwd_cols=32, fwd_warps=1),
-    "fwd 2ch x32 w2": dict(fwd_channels=2, fwd_cols=32, fwd_warps=2),
-    "fwd 4ch x32 w4": dict(fwd_channels=4, fwd_cols=32, fwd_warps=4),
-    "fwd 8ch x32 w4": dict(fwd_channels=8, fwd_cols=32, fwd_warps=4),
-    "fwd 4ch x64 w4": dict(fwd_channels=4, fwd_cols=64, fwd_warps=4),
-    "fwd 2ch x64 w4": dict(fwd_channels=2, fwd_cols=64, fwd_warps=4),
-    "fwd 4ch x32 w4, carry 8ch w4": dict(fwd_channels=4, fwd_cols=32, fwd_warps=4, carry_channels=8,
-                                         carry_warps=4),
+    "fwd x16 r128": dict(fwd_cols=16, fwd_maxnreg=128),
+    "fwd x16": dict(fwd_cols=16, fwd_maxnreg=None),
+    "fwd x32": dict(fwd_cols=32, fwd_maxnreg=None),
+    "fwd x32 r168": dict(fwd_cols=32, fwd_maxnreg=168),
+    "fwd x64 r168": dict(fwd_cols=64, fwd_maxnreg=168),
 }
 BWD_CANDIDATES = {
     "bwd 16x16 N16 w8": dict(bwd_states=16, bwd_warps=8),

@@ -7,6 +7,7 @@ softplus(delta + delta_bias) recomputed wherever it is needed, a = exp(dt * A).
 Launch order
     forward:  _row_carry_kernel  (g at every CW-column boundary, a 1D problem per row)
               _fwd_kernel        (one program per column stripe and channel block, row by row)
+              both with one (channel, state) pair per thread (see "lanes" below)
     backward: _col_carry_kernel  (adjoint flowing up into every CH-row boundary, 1D per column)
               _bwd_kernel        (one program per row stripe and state block, tiles right to left)
 
@@ -21,37 +22,40 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from mambapath.kernels.launch import launcher
+
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @dataclass(frozen=True)
 class TileConfig:
     """Tile sizes (powers of two). CW, CH: the backward tile, which is also the granularity of the
     row carries (every CW columns) and of the column checkpoints (every CH rows). The forward
-    walks down stripes of fwd_cols columns (a multiple of CW), fwd_channels channels at a time so
-    that B and C are loaded once for all of them. The backward splits the N states into blocks
-    of bwd_states, one program each (their sums over states are then added atomically).
+    walks down stripes of fwd_cols columns (a multiple of CW; at least the padded state count)
+    with its registers capped at fwd_maxnreg per thread (None: no cap); its programs hold as
+    many channels as fill a warp's lanes with their states. The backward splits the N states
+    into blocks of bwd_states, one program each (their sums over states are then added
+    atomically).
 
-    The defaults come from ``benchmarks/bench_selective_scan_2d.py --tune`` on an H100 (grids
-    128x128 with 128 channels and 256x256 with 512, N = 16): one channel per forward program and
-    all 16 states in one backward program of 4 warps; blocks of channels or states were slower
-    there. Backward tiles of 8 columns (CW = 8) were 6% faster still, but CW also sets the
-    forward's row-carry spacing, and the forward lost more than that (README.md)."""
+    Measured on an H100 (README.md beside this file): the forward's 16-column stripes capped at
+    128 registers beat 32-column ones and no cap; the backward's tiles come from
+    ``benchmarks/bench_selective_scan_2d.py --tune`` (all 16 states in one program of 4 warps;
+    blocks of states were slower). Backward tiles of 8 columns (CW = 8) were 6% faster, but CW
+    also spaces the forward's row carries, and the forward lost more than that."""
 
     CW: int = 16
     CH: int = 16
-    fwd_cols: int = 32
-    fwd_channels: int = 1
-    fwd_warps: int = 1
-    carry_channels: int = 4  # channels per program of the row-carry kernel (one row each)
+    fwd_cols: int = 16
+    fwd_maxnreg: int | None = 128
     carry_cols: int = 16  # columns per program of the column-carry kernel
     carry_warps: int = 2
     bwd_states: int = 16
     bwd_warps: int = 4
 
     def check(self) -> None:
-        for name in ("CW", "CH", "fwd_cols", "fwd_channels", "carry_channels", "carry_cols", "bwd_states"):
+        for name in ("CW", "CH", "fwd_cols", "carry_cols", "bwd_states"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"TileConfig.{name}={value} must be a power of two")
@@ -98,132 +102,239 @@ def _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
     return _dt_of(tl.load(delta_ptr + offs, mask=mask, other=0.0).to(COMPUTE), mask, bias, HAS_BIAS, SOFTPLUS)
 
 
+# ---------------------------------------------------------------------------------------------
+# lanes: the forward kernels put one (channel, state) pair on each thread
+#
+# A program owns DB channels and the NB (padded) states: a (DB, NB) tile holds one value per
+# thread. Every recurrence then runs inside a thread, position after position, with no scan
+# across threads. The same (DB, NB) tile also holds NB consecutive positions of the DB
+# channels (loads and stores of delta, u, z and y are coalesced, softplus runs once per
+# position), and two exchanges move between the two readings: _lane_bcast hands position j
+# to every state of its channel, _lane_sums adds NB per-state tiles over the states and leaves
+# the sum of tile j in position j. With FAST (compiled float32, DB * NB = 32, one warp: lane
+# c * NB + n holds element (c, n)) these are warp shuffles; otherwise (the interpreter,
+# float64, more than 32 states) Triton's reductions do the same.
+
+
+@triton.jit
+def _lane_id(like):
+    # the lane of each element's thread (``like`` only gives the shape)
+    return tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _shfl_xor(x, lane_mask):
+    # the value held by the lane whose id differs from this one's by the bits of lane_mask
+    return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=f,f,r",
+                                     [x, lane_mask], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _lane_bcast(v, j: tl.constexpr, lanes, FAST: tl.constexpr):
+    """(DB, NB) tile read as positions -> (DB, NB): every element of channel c holds v[c, j]."""
+    if FAST:
+        NB: tl.constexpr = v.shape[1]
+        seg: tl.constexpr = ((32 - NB) << 8) | 31  # segments of NB lanes, source lane j of each
+        out = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, $3, 0xffffffff;", "=f,f,r,r",
+                                        [v, tl.full(v.shape, j, tl.int32), tl.full(v.shape, seg, tl.int32)],
+                                        dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        out = tl.broadcast_to(tl.sum(tl.where(lanes[None, :] == j, v, 0.0), axis=1)[:, None], v.shape)
+    return out
+
+
+@triton.jit
+def _cat(a, b):
+    """The rows of a (R, ...) above those of b: (2R, ...); the new rows stay in each thread."""
+    return tl.reshape(tl.permute(tl.join(a, b), (3, 0, 1, 2)), (2 * a.shape[0], a.shape[1], a.shape[2]))
+
+
+@triton.jit
+def _halves(x):
+    """(2R, P, Q) -> its first R rows and its last R rows."""
+    R: tl.constexpr = x.shape[0] // 2
+    return tl.split(tl.permute(tl.reshape(x, (2, R, x.shape[1], x.shape[2])), (1, 2, 3, 0)))
+
+
+@triton.jit
+def _lane_sums(vals, lanes, FAST: tl.constexpr):
+    """A tuple of NB (DB, NB) tiles read as states -> one (DB, NB) tile read as positions whose
+    element (c, j) is the sum over states of vals[j][c, :]. FAST: a transposing exchange (each
+    step halves the values a thread holds and swaps half of them with the lane across one bit
+    of the state index: NB - 1 shuffles for NB sums)."""
+    NB: tl.constexpr = len(vals)
+    if FAST:
+        level = ()
+        for k in tl.static_range(NB):
+            level = level + (tl.expand_dims(vals[k], 0),)
+        for _ in tl.static_range(6):
+            if len(level) > 1:
+                pairs = ()
+                for k in tl.static_range(len(level) // 2):
+                    pairs = pairs + (_cat(level[2 * k], level[2 * k + 1]),)
+                level = pairs
+        x = level[0]  # (NB, DB, NB): row k is vals[k]
+        lane = _lane_id(vals[0])[None, :, :]
+        for _ in tl.static_range(6):
+            if x.shape[0] > 1:
+                # lanes whose state index has bit x.shape[0] / 2 keep the upper half of the rows
+                lo, hi = _halves(x)
+                upper = (lane & (x.shape[0] // 2)) != 0
+                keep = tl.where(upper, hi, lo)
+                send = tl.where(upper, lo, hi)
+                x = keep + _shfl_xor(send, tl.full(send.shape, x.shape[0] // 2, tl.int32))
+        out = tl.reshape(x, vals[0].shape)
+    else:
+        out = tl.zeros(vals[0].shape, vals[0].dtype)
+        for k in tl.static_range(NB):
+            out = tl.where(lanes[None, :] == k, tl.sum(vals[k], axis=1)[:, None], out)
+    return out
+
+
 @triton.jit
 def _row_carry_kernel(
-    delta_ptr, bias_ptr, u_ptr, B_ptr, A_ptr, carry_ptr,
+    delta_ptr, bias_ptr, u_ptr, Bt_ptr, A_ptr, carry_ptr,
     H, W, DIM, N, N_CW,
-    DB: tl.constexpr, CW: tl.constexpr, NP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, COMPUTE: tl.constexpr,
+    DB: tl.constexpr, NB: tl.constexpr, CW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     """carry[b, d, c, i, :] = g[i, (c + 1) * CW - 1, :] for c < N_CW - 1 (the row pass at chunk ends).
-    One program per (row i, block of DB channels, batch), chunks left to right."""
+    One program per (row i, block of DB channels, batch): each thread runs the row pass of one
+    (channel, state) from the left edge, NB columns at a time."""
     i = tl.program_id(0)
     chans = tl.program_id(1) * DB + tl.arange(0, DB)  # (DB,)
     b = tl.program_id(2).to(tl.int64)
-    cols = tl.arange(0, CW)
-    states = tl.arange(0, NP)
-    m_chan = chans < DIM
-    m_state = states < N
-    A = tl.load(A_ptr + chans[:, None] * N + states[None, :], mask=m_chan[:, None] & m_state[None, :],
-                other=0.0).to(COMPUTE)  # (DB, NP)
+    lanes = tl.arange(0, NB)  # (NB,): a state, or a column of a group of NB
+    zero = tl.zeros((DB, NB), tl.int32)
+    m_chan = (chans[:, None] + zero) < DIM  # (DB, NB)
+    m_state = (lanes[None, :] + zero) < N
+    A2 = tl.load(A_ptr + chans[:, None] * N + lanes[None, :], mask=m_chan & m_state, other=0.0).to(COMPUTE) * LOG2E
     bias = 0.0
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + chans, mask=m_chan, other=0.0).to(COMPUTE)[:, None]  # (DB, 1)
-    base = ((b * DIM + chans) * H + i) * W  # (DB,)
-    base_B = (b * N * H + i) * W
-    base_carry = (b * DIM + chans) * (N_CW - 1) * H * NP + i * NP  # (DB,)
-    carry = tl.zeros((DB, NP), dtype=COMPUTE)
-    for c in range(0, N_CW - 1):
-        j = c * CW + cols  # (CW,)
-        m2 = m_chan[:, None] & (j < W)[None, :]  # (DB, CW)
-        offs = base[:, None] + j[None, :]
-        dt, _ = _load_dt(delta_ptr, offs, m2, bias, HAS_BIAS, SOFTPLUS, COMPUTE)
-        u = tl.load(u_ptr + offs, mask=m2, other=0.0).to(COMPUTE)
-        Bv = tl.load(B_ptr + base_B + states[None, :] * H * W + j[:, None],
-                     mask=(j < W)[:, None] & m_state[None, :], other=0.0).to(COMPUTE)  # (CW, NP)
-        cum = tl.cumsum(dt, axis=1)  # (DB, CW)
-        total = tl.sum(dt, axis=1)  # (DB,)
-        # g at the chunk end = sum_j exp(A * sum_{k>j} dt_k) x_j + exp(A * total) * carry
-        weight = tl.exp((total[:, None] - cum)[:, :, None] * A[:, None, :])  # (DB, CW, NP)
-        end = tl.sum(weight * (dt * u)[:, :, None] * Bv[None, :, :], axis=1)  # (DB, NP)
-        carry = tl.exp(total[:, None] * A) * carry + end
-        tl.store(carry_ptr + base_carry[:, None] + c * H * NP + states[None, :], carry, mask=m_chan[:, None])
+        bias = tl.load(bias_ptr + chans[:, None] + zero, mask=m_chan, other=0.0).to(COMPUTE)
+    row = ((b * DIM + chans[:, None]) * H + i) * W  # (DB, 1)
+    B_row = Bt_ptr + (b * H + i) * W * N + lanes[None, :] + zero  # (DB, NB)
+    carry_rows = carry_ptr + ((b * DIM + chans[:, None]) * (N_CW - 1) * H + i) * NB + lanes[None, :]
+    STEP: tl.constexpr = CW if CW < NB else NB  # chunk ends fall on multiples of STEP inside a group
+    g = tl.zeros((DB, NB), COMPUTE)
+    for k in range(0, tl.cdiv((N_CW - 1) * CW, NB)):
+        cols = k * NB + lanes[None, :] + zero  # (DB, NB) read as positions
+        m_pos = m_chan & (cols < W)
+        dt, _ = _load_dt(delta_ptr, row + cols, m_pos, bias, HAS_BIAS, SOFTPLUS, COMPUTE)
+        x = dt * tl.load(u_ptr + row + cols, mask=m_pos, other=0.0).to(COMPUTE)
+        for j in tl.static_range(NB):
+            col = k * NB + j
+            a = tl.exp2(_lane_bcast(dt, j, lanes, FAST) * A2)
+            Bj = tl.load(B_row + col * N, mask=m_state & (zero + col < W), other=0.0).to(COMPUTE)
+            g = a * g + _lane_bcast(x, j, lanes, FAST) * Bj
+            if (j + 1) % STEP == 0:
+                c = (col + 1) // CW - 1  # the chunk ending here, when (col + 1) % CW == 0
+                tl.store(carry_rows + c * H * NB, g, mask=m_chan & ((zero + col + 1) % CW == 0) & (zero + c < N_CW - 1))
 
 
 @triton.jit
 def _fwd_kernel(
-    delta_ptr, bias_ptr, u_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, carry_ptr, ckpt_ptr, y_ptr,
+    delta_ptr, bias_ptr, u_ptr, z_ptr, Bt_ptr, Ct_ptr, A_ptr, D_ptr, carry_ptr, ckpt_ptr, y_ptr,
     H, W, DIM, N, N_CW, N_CH,
-    DB: tl.constexpr, TW: tl.constexpr, CW: tl.constexpr, CH: tl.constexpr, NP: tl.constexpr,
+    DB: tl.constexpr, NB: tl.constexpr, TW: tl.constexpr, CW: tl.constexpr, CH: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
-    STORE_CKPT: tl.constexpr, COMPUTE: tl.constexpr,
+    STORE_CKPT: tl.constexpr, FAST: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     """One program per (column stripe of TW, block of DB channels, batch), one row at a time top
-    to bottom: the row pass is a scan along the stripe, the column pass an update of the state
-    held in registers. B and C are loaded once per row for all DB channels."""
+    to bottom. Each thread holds one (channel, state) of the stripe's TW columns of h and runs
+    the row pass along the stripe (from the row carry on its left) and the column pass down
+    each column; y = sum_n C h is a sum across the lanes."""
     pid_c = tl.program_id(0)
     chans = tl.program_id(1) * DB + tl.arange(0, DB)  # (DB,)
     b = tl.program_id(2).to(tl.int64)
-    tj = tl.arange(0, TW)
-    cols = pid_c * TW + tj  # (TW,)
-    states = tl.arange(0, NP)
-    m_chan = chans < DIM
-    m_col = cols < W
-    m_state = states < N
-    A = tl.load(A_ptr + chans[:, None] * N + states[None, :], mask=m_chan[:, None] & m_state[None, :],
-                other=0.0).to(COMPUTE)  # (DB, NP)
+    lanes = tl.arange(0, NB)
+    zero = tl.zeros((DB, NB), tl.int32)
+    m_chan = (chans[:, None] + zero) < DIM  # (DB, NB)
+    m_state = (lanes[None, :] + zero) < N
+    A2 = tl.load(A_ptr + chans[:, None] * N + lanes[None, :], mask=m_chan & m_state, other=0.0).to(COMPUTE) * LOG2E
     bias = 0.0
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + chans, mask=m_chan, other=0.0).to(COMPUTE)[:, None]  # (DB, 1)
+        bias = tl.load(bias_ptr + chans[:, None] + zero, mask=m_chan, other=0.0).to(COMPUTE)
     skip = 0.0
     if HAS_D:
-        skip = tl.load(D_ptr + chans, mask=m_chan, other=0.0).to(COMPUTE)[:, None]
-    base = (b * DIM + chans) * H * W  # (DB,)
-    base_B = b * N * H * W
-    # g at column pid_c * TW - 1 sits in carry slot pid_c * TW / CW - 1
-    base_carry = (b * DIM + chans) * (N_CW - 1) * H * NP + (pid_c * (TW // CW) - 1) * H * NP  # (DB,)
-    base_ckpt = (b * DIM + chans) * (N_CH - 1) * W * NP  # (DB,)
-    m2 = m_chan[:, None] & m_col[None, :]  # (DB, TW)
-    m_bc = m_col[:, None] & m_state[None, :]  # (TW, NP)
-    m_left = m_chan[:, None] & ((states * 0 + pid_c) > 0)[None, :]  # (DB, NP)
-    first_col = (tj == 0)[None, :, None]
-    h = tl.zeros((DB, TW, NP), dtype=COMPUTE)  # the column pass's state, row above
-    # a row's inputs are loaded one row ahead, so that their latency overlaps the row before
-    offs = base[:, None] + cols[None, :]  # (DB, TW), row 0
-    offs_bc = base_B + states[None, :] * H * W + cols[:, None]  # (TW, NP)
-    delta_next = tl.load(delta_ptr + offs, mask=m2, other=0.0)
-    u_next = tl.load(u_ptr + offs, mask=m2, other=0.0)
-    B_next = tl.load(B_ptr + offs_bc, mask=m_bc, other=0.0)
-    C_next = tl.load(C_ptr + offs_bc, mask=m_bc, other=0.0)
-    left_next = tl.load(carry_ptr + base_carry[:, None] + states[None, :], mask=m_left, other=0.0)  # (DB, NP)
-    z_next = delta_next  # a placeholder without z (never read then)
-    if HAS_Z:
-        z_next = tl.load(z_ptr + offs, mask=m2, other=0.0)
+        skip = tl.load(D_ptr + chans[:, None] + zero, mask=m_chan, other=0.0).to(COMPUTE)
+    col0 = pid_c * TW
+    plane = (b * DIM + chans[:, None]) * H * W  # (DB, 1)
+    # g at column col0 - 1 sits in carry slot col0 / CW - 1
+    carry_rows = carry_ptr + ((b * DIM + chans[:, None]) * (N_CW - 1) + col0 // CW - 1) * H * NB + lanes[None, :]
+    m_left = m_chan & (zero + pid_c > 0)
+    ckpt_rows = ckpt_ptr + (b * DIM + chans[:, None]) * (N_CH - 1) * W * NB + lanes[None, :]
+    h = ()
+    for col_init in tl.static_range(TW):
+        h = h + (tl.zeros((DB, NB), COMPUTE),)
+    # a row's inputs are loaded while the row above is computed
+    nxt = _fwd_row_inputs(0, delta_ptr, u_ptr, z_ptr, Bt_ptr, Ct_ptr, carry_rows, plane, col0, b, H, W, N,
+                          m_chan, m_left, m_state, lanes, zero, TW, NB, HAS_Z)
     for i in range(0, H):
-        offs = base[:, None] + i * W + cols[None, :]
-        dt, _ = _dt_of(delta_next.to(COMPUTE), m2, bias, HAS_BIAS, SOFTPLUS)
-        u = u_next.to(COMPUTE)
-        Bv = B_next.to(COMPUTE)
-        Cv = C_next.to(COMPUTE)
-        g_left = left_next
-        zv = z_next.to(COMPUTE)
-        more = (tj * 0 + i + 1) < H  # (TW,): a next row exists
-        m_next = m2 & more[None, :]
-        offs_next = offs + W
-        delta_next = tl.load(delta_ptr + offs_next, mask=m_next, other=0.0)
-        u_next = tl.load(u_ptr + offs_next, mask=m_next, other=0.0)
-        B_next = tl.load(B_ptr + offs_bc + (i + 1) * W, mask=m_bc & more[:, None], other=0.0)
-        C_next = tl.load(C_ptr + offs_bc + (i + 1) * W, mask=m_bc & more[:, None], other=0.0)
-        left_next = tl.load(carry_ptr + base_carry[:, None] + (i + 1) * NP + states[None, :],
-                            mask=m_left & ((states * 0 + i + 1) < H)[None, :], other=0.0)
-        if HAS_Z:
-            z_next = tl.load(z_ptr + offs_next, mask=m_next, other=0.0)
-        a = tl.exp(dt[:, :, None] * A[:, None, :])  # (DB, TW, NP)
-        x = (dt * u)[:, :, None] * Bv[None, :, :]
-        x = x + tl.where(first_col, a * g_left[:, None, :], 0.0)
-        _, g = tl.associative_scan((a, x), 1, _affine_combine)  # pass 1 along the row
         if STORE_CKPT:
-            # h above every CH-th row, read back by the backward kernel
-            at_stripe = (((cols * 0 + i) % CH) == 0) & ((cols * 0 + i) > 0)  # (TW,)
-            tl.store(ckpt_ptr + base_ckpt[:, None, None] + (i // CH - 1) * W * NP + cols[None, :, None] * NP
-                     + states[None, None, :], h, mask=(m2 & at_stripe[None, :])[:, :, None])
-        h = a * h + g  # pass 2 down the columns
-        y = tl.sum(h * Cv[None, :, :], axis=2)  # (DB, TW)
-        if HAS_D:
-            y = y + skip * u
+            if (i % CH == 0) & (i > 0):
+                # h above every CH-th row, read back by the backward kernel
+                for tc in tl.static_range(TW):
+                    tl.store(ckpt_rows + ((i // CH - 1) * W + col0 + tc) * NB, h[tc],
+                             mask=m_chan & (zero + col0 + tc < W))
+        g, deltas, us, zs, Bs, Cs = nxt
+        nxt = _fwd_row_inputs(i + 1, delta_ptr, u_ptr, z_ptr, Bt_ptr, Ct_ptr, carry_rows, plane, col0, b, H, W, N,
+                              m_chan, m_left, m_state, lanes, zero, TW, NB, HAS_Z)
+        g = g.to(COMPUTE)
+        new_h = ()
+        for grp in tl.static_range(TW // NB):
+            cols = col0 + grp * NB + lanes[None, :] + zero  # (DB, NB) read as positions
+            m_pos = m_chan & (cols < W)
+            dt, _ = _dt_of(deltas[grp].to(COMPUTE), m_pos, bias, HAS_BIAS, SOFTPLUS)
+            u = us[grp].to(COMPUTE)
+            x = dt * u
+            terms = ()
+            for j in tl.static_range(NB):
+                a = tl.exp2(_lane_bcast(dt, j, lanes, FAST) * A2)
+                g = a * g + _lane_bcast(x, j, lanes, FAST) * Bs[grp * NB + j].to(COMPUTE)  # pass 1 along the row
+                ht = a * h[grp * NB + j] + g  # pass 2 down the column
+                new_h = new_h + (ht,)
+                terms = terms + (ht * Cs[grp * NB + j].to(COMPUTE),)
+            y = _lane_sums(terms, lanes, FAST)  # (DB, NB) read as positions
+            if HAS_D:
+                y = y + skip * u
+            if HAS_Z:
+                zv = zs[grp].to(COMPUTE)
+                y = y * zv * tl.sigmoid(zv)
+            tl.store(y_ptr + plane + i * W + cols, y, mask=m_pos)
+        h = new_h
+
+
+@triton.jit
+def _fwd_row_inputs(i, delta_ptr, u_ptr, z_ptr, Bt_ptr, Ct_ptr, carry_rows, plane, col0, b, H, W, N,
+                    m_chan, m_left, m_state, lanes, zero, TW: tl.constexpr, NB: tl.constexpr, HAS_Z: tl.constexpr):
+    """Row i's inputs for _fwd_kernel (nothing is read when i = H): the row carry on the left,
+    delta, u and z as TW / NB position tiles, B and C as TW state tiles."""
+    in_grid = (zero + i) < H
+    g = tl.load(carry_rows + i * NB, mask=m_left & in_grid, other=0.0)
+    deltas = ()
+    us = ()
+    zs = ()
+    for grp in tl.static_range(TW // NB):
+        cols = col0 + grp * NB + lanes[None, :] + zero
+        m_pos = m_chan & (cols < W) & in_grid
+        offs = plane + i * W + cols
+        deltas = deltas + (tl.load(delta_ptr + offs, mask=m_pos, other=0.0),)
+        us = us + (tl.load(u_ptr + offs, mask=m_pos, other=0.0),)
         if HAS_Z:
-            y = y * zv * tl.sigmoid(zv)
-        tl.store(y_ptr + offs, y, mask=m2)
+            zs = zs + (tl.load(z_ptr + offs, mask=m_pos, other=0.0),)
+        else:
+            zs = zs + (deltas[grp],)  # a placeholder, never read
+    Bs = ()
+    Cs = ()
+    B_row = Bt_ptr + (b * H + i) * W * N + lanes[None, :] + zero
+    C_row = Ct_ptr + (b * H + i) * W * N + lanes[None, :] + zero
+    for t in tl.static_range(TW):
+        m_bc = m_state & (zero + col0 + t < W) & in_grid
+        Bs = Bs + (tl.load(B_row + (col0 + t) * N, mask=m_bc, other=0.0),)
+        Cs = Cs + (tl.load(C_row + (col0 + t) * N, mask=m_bc, other=0.0),)
+    return g, deltas, us, zs, Bs, Cs
 
 
 @triton.jit
@@ -433,7 +544,22 @@ def _padded_states(n_state: int) -> int:
     return max(triton.next_power_of_2(n_state), 2)
 
 
-def _launch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_ckpt, cfg):
+def _lane_tiles(n_padded: int, compute: torch.dtype) -> tuple[int, int, bool]:
+    """(channels per program, warps, FAST) of the forward kernels for NP padded states: the
+    channels fill a warp's lanes (one channel per program beyond 32 states); FAST (warp
+    shuffles) needs compiled float32 kernels and exactly one warp."""
+    channels = max(1, 32 // n_padded)
+    warps = max(1, channels * n_padded // 32)
+    fast = not INTERPRETED and compute == torch.float32 and channels * n_padded == 32
+    return channels, warps, fast
+
+
+def _states_last(t: torch.Tensor) -> torch.Tensor:
+    """(batch, N, H, W) -> a (batch, H, W, N) copy: a position's states contiguous."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def _launch_forward(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus, save_ckpt, cfg):
     batch, dim, height, width = u.shape
     n_state = A.shape[1]
     NP = _padded_states(n_state)
@@ -445,25 +571,29 @@ def _launch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_ck
                  if n_cw > 1 else dummy)
     ckpt = (torch.empty(batch, dim, n_ch - 1, width, NP, device=u.device, dtype=compute)
             if save_ckpt and n_ch > 1 else dummy)
-    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), COMPUTE=_tl_dtype(compute))
+    channels, warps, fast = _lane_tiles(NP, compute)
+    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), FAST=fast,
+                 COMPUTE=_tl_dtype(compute), num_warps=warps)
+    if cfg.fwd_maxnreg is not None and not INTERPRETED:
+        flags["maxnreg"] = cfg.fwd_maxnreg
     bias_arg = delta_bias if delta_bias is not None else dummy
     if n_cw > 1:
-        grid = (height, triton.cdiv(dim, cfg.carry_channels), batch)
+        grid = (height, triton.cdiv(dim, channels), batch)
         launcher(_row_carry_kernel)[grid](
-            delta, bias_arg, u, B, A, row_carry, height, width, dim, n_state, n_cw,
-            DB=cfg.carry_channels, CW=cfg.CW, NP=NP, num_warps=cfg.carry_warps, **flags)
+            delta, bias_arg, u, Bt, A, row_carry, height, width, dim, n_state, n_cw,
+            DB=channels, NB=NP, CW=cfg.CW, **flags)
     y = torch.empty(u.shape, device=u.device, dtype=u.dtype)
-    grid = (triton.cdiv(width, cfg.fwd_cols), triton.cdiv(dim, cfg.fwd_channels), batch)
+    stripe = max(cfg.fwd_cols, NP)  # whole groups of NP columns, whole chunks of CW
+    grid = (triton.cdiv(width, stripe), triton.cdiv(dim, channels), batch)
     launcher(_fwd_kernel)[grid](
-        delta, bias_arg, u, z if z is not None else dummy, B, C, A, D if D is not None else dummy,
+        delta, bias_arg, u, z if z is not None else dummy, Bt, Ct, A, D if D is not None else dummy,
         row_carry, ckpt, y, height, width, dim, n_state, n_cw, n_ch,
-        DB=cfg.fwd_channels, TW=cfg.fwd_cols, CW=cfg.CW, CH=cfg.CH, NP=NP,
-        HAS_Z=z is not None, HAS_D=D is not None, STORE_CKPT=bool(save_ckpt and n_ch > 1),
-        num_warps=cfg.fwd_warps, **flags)
+        DB=channels, NB=NP, TW=stripe, CW=cfg.CW, CH=cfg.CH,
+        HAS_Z=z is not None, HAS_D=D is not None, STORE_CKPT=bool(save_ckpt and n_ch > 1), **flags)
     return y, row_carry, ckpt
 
 
-def _launch_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, row_carry, ckpt, cfg):
+def _launch_backward(dout, u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus, row_carry, ckpt, cfg):
     batch, dim, height, width = u.shape
     n_state = A.shape[1]
     NP = _padded_states(n_state)
@@ -481,9 +611,6 @@ def _launch_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     z_arg = z if z is not None else dummy
     col_carry = (torch.empty(batch, dim, n_ch - 1, width, NP, device=dev, dtype=compute)
                  if n_ch > 1 else dummy)
-    # B and C with a position's states contiguous (coalesced loads and atomic adds)
-    Bt = B.permute(0, 2, 3, 1).contiguous()
-    Ct = C.permute(0, 2, 3, 1).contiguous()
     if n_ch > 1:
         grid = (triton.cdiv(width, cfg.carry_cols), dim, batch * n_nb)
         launcher(_col_carry_kernel)[grid](
@@ -512,7 +639,7 @@ def _launch_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     dD = dD_part.sum(dim=(0, 1, 2)).to(D.dtype) if D is not None else None
     dbias = dbias_part.sum(dim=(0, 1, 2)).to(delta_bias.dtype) if delta_bias is not None else None
     dB, dC = dBt.permute(0, 1, 4, 2, 3)
-    return (du.to(u.dtype), ddelta.to(delta.dtype), dA, dB.to(B.dtype), dC.to(C.dtype), dD,
+    return (du.to(u.dtype), ddelta.to(delta.dtype), dA, dB.to(Bt.dtype), dC.to(Ct.dtype), dD,
             dz.to(z.dtype) if z is not None else None, dbias)
 
 
@@ -522,17 +649,19 @@ class SelectiveScan2DFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, cfg):
         save = any(ctx.needs_input_grad[:8])
-        y, row_carry, ckpt = _launch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save, cfg)
+        # B and C with a position's states contiguous (coalesced loads of a position's states)
+        Bt, Ct = _states_last(B), _states_last(C)
+        y, row_carry, ckpt = _launch_forward(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus, save, cfg)
         if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, row_carry, ckpt)
+            ctx.save_for_backward(u, delta, A, Bt, Ct, D, z, delta_bias, row_carry, ckpt)
             ctx.delta_softplus = delta_softplus
             ctx.cfg = cfg
         return y
 
     @staticmethod
     def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias, row_carry, ckpt = ctx.saved_tensors
-        grads = _launch_backward(dout.contiguous(), u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
+        u, delta, A, Bt, Ct, D, z, delta_bias, row_carry, ckpt = ctx.saved_tensors
+        grads = _launch_backward(dout.contiguous(), u, delta, A, Bt, Ct, D, z, delta_bias, ctx.delta_softplus,
                                  row_carry, ckpt, ctx.cfg)
         return (*grads, None, None)
 
@@ -548,3 +677,7 @@ def selective_scan_2d_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     z = z.contiguous() if z is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     return SelectiveScan2DFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), cfg)
+
+
+# True when this copy of the module was loaded under TRITON_INTERPRET=1 (the CPU interpreter)
+INTERPRETED = isinstance(_fwd_kernel, InterpretedFunction)

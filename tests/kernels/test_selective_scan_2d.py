@@ -104,13 +104,12 @@ def small_configs():
     cfg = _tiled().TileConfig
     return {
         # backward tiles of 2x2 (a 5x7 grid has 3x4 of them) in state blocks of 2 (N = 3 -> two
-        # blocks that add their shares); forward stripes of 4 columns, 2 channels per program
-        "small": cfg(CW=2, CH=2, fwd_cols=4, fwd_channels=2, carry_channels=2, carry_cols=4, bwd_states=2,
-                     fwd_warps=1, bwd_warps=1, carry_warps=1),
-        # forward stripes twice the carry width, one channel per program, 3 channels per carry
-        # program block of 4 (a partial block); 2-column carry programs; all states in one block
-        "mixed": cfg(CW=4, CH=4, fwd_cols=8, fwd_channels=1, carry_channels=4, carry_cols=2, bwd_states=4,
-                     fwd_warps=1, bwd_warps=1, carry_warps=1),
+        # blocks that add their shares); forward stripes of 4 columns (one group of 4 padded
+        # states), two row carries inside each group
+        "small": cfg(CW=2, CH=2, fwd_cols=4, carry_cols=4, bwd_states=2, bwd_warps=1, carry_warps=1),
+        # forward stripes twice the carry width; with N <= 2, groups of 2 columns, shorter than a
+        # carry chunk; 2-column carry programs; all states in one block
+        "mixed": cfg(CW=4, CH=4, fwd_cols=8, carry_cols=2, bwd_states=4, bwd_warps=1, carry_warps=1),
         "default": _tiled().DEFAULT_CONFIG,
     }
 

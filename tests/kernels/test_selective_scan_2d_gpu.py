@@ -109,10 +109,9 @@ def test_bare_scan_without_gate_skip_or_bias(poison_empty):
 
 
 @pytest.mark.parametrize("config", [
-    dict(CW=32, CH=8, fwd_cols=64, fwd_channels=2, bwd_states=16, bwd_warps=8),
-    dict(CW=8, CH=32, fwd_cols=8, fwd_channels=8, carry_channels=1, bwd_states=4, bwd_warps=2),
-    dict(CW=2, CH=2, fwd_cols=4, fwd_channels=1, carry_channels=2, carry_cols=4, bwd_states=2, fwd_warps=1,
-         bwd_warps=1, carry_warps=1),
+    dict(CW=32, CH=8, fwd_cols=64, bwd_states=16, bwd_warps=8),
+    dict(CW=8, CH=32, fwd_cols=8, fwd_maxnreg=64, bwd_states=4, bwd_warps=2),
+    dict(CW=2, CH=2, fwd_cols=4, carry_cols=4, bwd_states=2, bwd_warps=1, carry_warps=1),
 ], ids=["wide", "tall", "tiny"])
 def test_other_tile_configs(config, poison_empty):
     tiled = _tiled()
