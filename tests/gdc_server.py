@@ -187,6 +187,9 @@ class MockGDC:
 
             def _json(self, status: int, obj, rec: RequestRecord, headers: dict | None = None) -> None:
                 body = json.dumps(obj).encode()
+                # recorded before anything is sent: a client may read the reply (and a test the
+                # record) before this thread runs another line
+                rec.status = status
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -194,7 +197,6 @@ class MockGDC:
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(body)
-                rec.status = status
 
             def _params(self) -> dict:
                 url = urlparse(self.path)
@@ -291,13 +293,14 @@ class MockGDC:
                 if m and kind != "ignore_range":
                     start = int(m.group(1))
                     if start >= len(data):
+                        rec.status = 416
                         self.send_response(416)
                         self.send_header("Content-Range", f"bytes */{len(data)}")
                         self.send_header("Content-Length", "0")
                         self.end_headers()
-                        rec.status = 416
                         return
                 body = data[start:]
+                rec.status = 206 if start else 200
                 self.send_response(206 if start else 200)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(body)))
@@ -306,14 +309,13 @@ class MockGDC:
                 name = f.served_name or f.file_name
                 self.send_header("Content-Disposition", f'attachment; filename="{name}"')
                 self.end_headers()
-                rec.status = 206 if start else 200
                 if f.delay:
                     time.sleep(f.delay)
                 if kind == "cut":
                     body = body[: action[1]]
                     self.close_connection = True
+                rec.bytes_sent = len(body)  # recorded before the client can have it
                 self.wfile.write(body)
                 self.wfile.flush()
-                rec.bytes_sent = len(body)
 
         return Handler
