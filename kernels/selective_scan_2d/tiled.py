@@ -43,7 +43,7 @@ class TileConfig:
     128 registers beat 32-column ones and no cap; the backward's tiles come from
     ``benchmarks/bench_selective_scan_2d.py --tune`` (all 16 states in one program of 4 warps;
     blocks of states were slower). Backward tiles of 8 columns (CW = 8) were 6% faster, but CW
-    also spaces the forward's row carries, and the forward lost more than that."""
+    also spaces the forward's row carries, and the earlier forward lost more than that."""
 
     CW: int = 16
     CH: int = 16
