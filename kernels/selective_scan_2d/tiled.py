@@ -61,6 +61,9 @@ class TileConfig:
                 raise ValueError(f"TileConfig.{name}={value} must be a power of two")
         if self.fwd_cols % self.CW:
             raise ValueError(f"TileConfig: fwd_cols ({self.fwd_cols}) must be a multiple of CW ({self.CW})")
+        if self.fwd_maxnreg is not None and not 32 <= self.fwd_maxnreg <= 255:
+            raise ValueError(f"TileConfig.fwd_maxnreg={self.fwd_maxnreg} must be None (no cap) or a register count "
+                             "per thread from 32 to 255")
 
 
 DEFAULT_CONFIG = TileConfig()

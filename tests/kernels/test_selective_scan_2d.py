@@ -250,3 +250,17 @@ def test_triton_rejects_mismatched_shapes():
     inputs["z"] = inputs["z"][..., :3]
     with pytest.raises(ValueError, match="z must have"):
         _tiled().selective_scan_2d_triton(**inputs)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(fwd_cols=24), "fwd_cols=24 must be a power of two"),
+    (dict(CW=32, fwd_cols=16), "must be a multiple of CW"),
+    (dict(fwd_maxnreg=8), "fwd_maxnreg=8 must be None"),
+    (dict(fwd_maxnreg=300), "fwd_maxnreg=300 must be None"),
+], ids=["stripe", "stripe-vs-carry", "cap-low", "cap-high"])
+def test_tile_config_rejects_bad_values(fields, message):
+    inputs = make_inputs(1, 2, 3, 4, 2)
+    cfg = _tiled().TileConfig(**fields)
+    with pytest.raises(ValueError, match=message):
+        _tiled().selective_scan_2d_triton(**inputs, config=cfg)
+
