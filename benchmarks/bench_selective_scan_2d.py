@@ -301,16 +301,11 @@ FWD_CANDIDATES = {
     "fwd x64 r168": dict(fwd_cols=64, fwd_maxnreg=168),
 }
 BWD_CANDIDATES = {
-    "bwd 16x16 N16 w8": dict(bwd_states=16, bwd_warps=8),
-    "bwd 16x16 N8 w4": dict(bwd_states=8, bwd_warps=4),
-    "bwd 16x16 N4 w2": dict(bwd_states=4, bwd_warps=2),
-    "bwd 16x16 N4 w4": dict(bwd_states=4, bwd_warps=4),
-    "bwd 16x16 N2 w1": dict(bwd_states=2, bwd_warps=1),
-    "bwd 8x16 N8 w2": dict(CH=8, bwd_states=8, bwd_warps=2),
-    "bwd 16x16 N8 w4, carry 32 cols": dict(bwd_states=8, bwd_warps=4, carry_cols=32),
-    "bwd 16x16 N16 w4": dict(bwd_states=16, bwd_warps=4),
-    "bwd 16x16 N8 w8": dict(bwd_states=8, bwd_warps=8),
-    "bwd 16x8 N16 w4": dict(CW=8, bwd_states=16, bwd_warps=4),
+    "bwd 8x4, carries every 16 cols": dict(CH=8, CW=4, carry_cols=16),
+    "bwd 8x4, carries every 8 cols": dict(CH=8, CW=4, carry_cols=8),
+    "bwd 8x4, 2 warps": dict(CH=8, CW=4, bwd_warps=2),
+    "bwd 4x8, carries every 16 cols": dict(CH=4, CW=8, carry_cols=16),
+    "bwd 16x2, carries every 16 cols": dict(CH=16, CW=2, carry_cols=16),
 }
 TUNE_SHAPES = [(128, 128), (256, 512)]  # (grid side, dim), both with quoted 2DMamba times
 

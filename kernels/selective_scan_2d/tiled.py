@@ -5,11 +5,11 @@ the kernels keep shape comments only. Notation: grid (H, W), states padded to NP
 softplus(delta + delta_bias) recomputed wherever it is needed, a = exp(dt * A).
 
 Launch order
-    forward:  _row_carry_kernel  (g at every CW-column boundary, a 1D problem per row)
+    forward:  _row_carry_kernel  (g at every carry_cols-th column, a 1D problem per row)
               _fwd_kernel        (one program per column stripe and channel block, row by row)
-              both with one (channel, state) pair per thread (see "lanes" below)
     backward: _col_carry_kernel  (adjoint flowing up into every CH-row boundary, 1D per column)
-              _bwd_kernel        (one program per row stripe and state block, tiles right to left)
+              _bwd_kernel        (one program per row stripe and channel block, tiles right to left)
+    all four with one (channel, state) pair per thread (see "lanes" below)
 
 Triton fixes compiled or interpreted mode when it defines a kernel; the package loads this file
 on the first call of the Triton backend, once per mode (see __init__.py).
@@ -27,46 +27,52 @@ from triton.runtime.interpreter import InterpretedFunction
 from mambapath.kernels.launch import launcher
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile sizes (powers of two). CW, CH: the backward tile, which is also the granularity of the
-    row carries (every CW columns) and of the column checkpoints (every CH rows). The forward
-    walks down stripes of fwd_cols columns (a multiple of CW; at least the padded state count)
-    with its registers capped at fwd_maxnreg per thread (None: no cap); its programs hold as
-    many channels as fill a warp's lanes with their states. The backward splits the N states
-    into blocks of bwd_states, one program each (their sums over states are then added
-    atomically).
+    """Tile sizes (powers of two). CH x CW: the backward's tile, whose states each thread holds
+    in registers; CH also spaces the column checkpoints and adjoints (every CH rows). The row
+    carries are stored every carry_cols columns (a multiple of CW); a backward tile further
+    right in its block first runs the row pass across the block's tiles on its left. The
+    forward walks down stripes of fwd_cols columns (a multiple of carry_cols; at least the
+    padded state count) with its registers capped at fwd_maxnreg per thread (None: no cap).
+    Programs hold as many channels as fill a warp's lanes with their states, times bwd_warps in
+    the backward; bwd_maxnreg caps the backward's registers (None: no cap).
 
     Measured on an H100 (README.md beside this file): the forward's 16-column stripes capped at
-    128 registers beat 32-column ones and no cap; the backward's tiles come from
-    ``benchmarks/bench_selective_scan_2d.py --tune`` (all 16 states in one program of 4 warps;
-    blocks of states were slower). Backward tiles of 8 columns (CW = 8) were 6% faster, but CW
-    also spaces the forward's row carries, and the earlier forward lost more than that."""
+    128 registers beat 32-column ones and no cap; the backward's 8 x 4 tiles of one warp beat
+    2 and 4 warps (whose sums of dB and dC over channels cross warps); row carries every 8
+    columns were 6% faster in the backward than every 16 but take twice the memory."""
 
-    CW: int = 16
-    CH: int = 16
+    CW: int = 4
+    CH: int = 8
+    carry_cols: int = 16
     fwd_cols: int = 16
     fwd_maxnreg: int | None = 128
-    carry_cols: int = 16  # columns per program of the column-carry kernel
-    carry_warps: int = 2
-    bwd_states: int = 16
-    bwd_warps: int = 4
+    bwd_warps: int = 1
+    bwd_maxnreg: int | None = None
 
     def check(self) -> None:
-        for name in ("CW", "CH", "fwd_cols", "carry_cols", "bwd_states"):
+        for name in ("CW", "CH", "carry_cols", "fwd_cols"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"TileConfig.{name}={value} must be a power of two")
-        if self.fwd_cols % self.CW:
-            raise ValueError(f"TileConfig: fwd_cols ({self.fwd_cols}) must be a multiple of CW ({self.CW})")
+        if self.carry_cols % self.CW:
+            raise ValueError(f"TileConfig: carry_cols ({self.carry_cols}) must be a multiple of CW ({self.CW})")
+        if self.fwd_cols % self.carry_cols:
+            raise ValueError(f"TileConfig: fwd_cols ({self.fwd_cols}) must be a multiple of carry_cols "
+                             f"({self.carry_cols})")
         if self.fwd_maxnreg is not None and not 32 <= self.fwd_maxnreg <= 255:
             raise ValueError(f"TileConfig.fwd_maxnreg={self.fwd_maxnreg} must be None (no cap) or a register count "
                              "per thread from 32 to 255")
 
 
 DEFAULT_CONFIG = TileConfig()
+
+# the backward adds its per-state terms over the states SUM_GROUP positions at a time
+SUM_GROUP = 4
 
 
 @triton.jit
@@ -106,7 +112,7 @@ def _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
 
 
 # ---------------------------------------------------------------------------------------------
-# lanes: the forward kernels put one (channel, state) pair on each thread
+# lanes: the kernels put one (channel, state) pair on each thread
 #
 # A program owns DB channels and the NB (padded) states: a (DB, NB) tile holds one value per
 # thread. Every recurrence then runs inside a thread, position after position, with no scan
@@ -114,9 +120,9 @@ def _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
 # channels (loads and stores of delta, u, z and y are coalesced, softplus runs once per
 # position), and two exchanges move between the two readings: _lane_bcast hands position j
 # to every state of its channel, _lane_sums adds NB per-state tiles over the states and leaves
-# the sum of tile j in position j. With FAST (compiled float32, DB * NB = 32, one warp: lane
-# c * NB + n holds element (c, n)) these are warp shuffles; otherwise (the interpreter,
-# float64, more than 32 states) Triton's reductions do the same.
+# the sum of tile j in position j. With FAST (compiled float32, NB <= 32: lane c * NB + n of a
+# warp holds element (c, n) of its channels) these are warp shuffles; otherwise (the
+# interpreter, float64, more than 32 states) Triton's reductions do the same.
 
 
 @triton.jit
@@ -161,23 +167,32 @@ def _halves(x):
 
 
 @triton.jit
+def _stack(vals):
+    """A tuple of K (power of two) (DB, NB) tiles -> one (K, DB, NB) tensor whose row k is
+    vals[k]; the new rows stay in each thread."""
+    level = ()
+    for k in tl.static_range(len(vals)):
+        level = level + (tl.expand_dims(vals[k], 0),)
+    for _ in tl.static_range(6):
+        if len(level) > 1:
+            pairs = ()
+            for k in tl.static_range(len(level) // 2):
+                pairs = pairs + (_cat(level[2 * k], level[2 * k + 1]),)
+            level = pairs
+    return level[0]
+
+
+@triton.jit
 def _lane_sums(vals, lanes, FAST: tl.constexpr):
-    """A tuple of NB (DB, NB) tiles read as states -> one (DB, NB) tile read as positions whose
-    element (c, j) is the sum over states of vals[j][c, :]. FAST: a transposing exchange (each
-    step halves the values a thread holds and swaps half of them with the lane across one bit
-    of the state index: NB - 1 shuffles for NB sums)."""
-    NB: tl.constexpr = len(vals)
+    """A tuple of K (DB, NB) tiles read as states (K a power of two, at most NB) -> one (DB, NB)
+    tile whose element (c, j) is the sum over states of vals[j % K][c, :]: with K = NB, a tile
+    read as positions. FAST: a transposing exchange (each step halves the values a thread holds
+    and swaps half of them with the lane across one bit of the state index: K - 1 shuffles),
+    then a plain one over the remaining bits (log2(NB / K) shuffles)."""
+    K: tl.constexpr = len(vals)
+    NB: tl.constexpr = vals[0].shape[1]
     if FAST:
-        level = ()
-        for k in tl.static_range(NB):
-            level = level + (tl.expand_dims(vals[k], 0),)
-        for _ in tl.static_range(6):
-            if len(level) > 1:
-                pairs = ()
-                for k in tl.static_range(len(level) // 2):
-                    pairs = pairs + (_cat(level[2 * k], level[2 * k + 1]),)
-                level = pairs
-        x = level[0]  # (NB, DB, NB): row k is vals[k]
+        x = _stack(vals)  # (K, DB, NB)
         lane = _lane_id(vals[0])[None, :, :]
         for _ in tl.static_range(6):
             if x.shape[0] > 1:
@@ -188,21 +203,24 @@ def _lane_sums(vals, lanes, FAST: tl.constexpr):
                 send = tl.where(upper, lo, hi)
                 x = keep + _shfl_xor(send, tl.full(send.shape, x.shape[0] // 2, tl.int32))
         out = tl.reshape(x, vals[0].shape)
+        for step in tl.static_range(6):
+            if (K << step) < NB:
+                out = out + _shfl_xor(out, tl.full(out.shape, K << step, tl.int32))
     else:
         out = tl.zeros(vals[0].shape, vals[0].dtype)
-        for k in tl.static_range(NB):
-            out = tl.where(lanes[None, :] == k, tl.sum(vals[k], axis=1)[:, None], out)
+        for k in tl.static_range(K):
+            out = tl.where(lanes[None, :] % K == k, tl.sum(vals[k], axis=1)[:, None], out)
     return out
 
 
 @triton.jit
 def _row_carry_kernel(
     delta_ptr, bias_ptr, u_ptr, Bt_ptr, A_ptr, carry_ptr,
-    H, W, DIM, N, N_CW,
-    DB: tl.constexpr, NB: tl.constexpr, CW: tl.constexpr,
+    H, W, DIM, N, N_RC,
+    DB: tl.constexpr, NB: tl.constexpr, RC: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    """carry[b, d, c, i, :] = g[i, (c + 1) * CW - 1, :] for c < N_CW - 1 (the row pass at chunk ends).
+    """carry[b, d, c, i, :] = g[i, (c + 1) * RC - 1, :] for c < N_RC - 1 (the row pass at chunk ends).
     One program per (row i, block of DB channels, batch): each thread runs the row pass of one
     (channel, state) from the left edge, NB columns at a time."""
     i = tl.program_id(0)
@@ -218,10 +236,10 @@ def _row_carry_kernel(
         bias = tl.load(bias_ptr + chans[:, None] + zero, mask=m_chan, other=0.0).to(COMPUTE)
     row = ((b * DIM + chans[:, None]) * H + i) * W  # (DB, 1)
     B_row = Bt_ptr + (b * H + i) * W * N + lanes[None, :] + zero  # (DB, NB)
-    carry_rows = carry_ptr + ((b * DIM + chans[:, None]) * (N_CW - 1) * H + i) * NB + lanes[None, :]
-    STEP: tl.constexpr = CW if CW < NB else NB  # chunk ends fall on multiples of STEP inside a group
+    carry_rows = carry_ptr + ((b * DIM + chans[:, None]) * (N_RC - 1) * H + i) * NB + lanes[None, :]
+    STEP: tl.constexpr = RC if RC < NB else NB  # chunk ends fall on multiples of STEP inside a group
     g = tl.zeros((DB, NB), COMPUTE)
-    for k in range(0, tl.cdiv((N_CW - 1) * CW, NB)):
+    for k in range(0, tl.cdiv((N_RC - 1) * RC, NB)):
         cols = k * NB + lanes[None, :] + zero  # (DB, NB) read as positions
         m_pos = m_chan & (cols < W)
         dt, _ = _load_dt(delta_ptr, row + cols, m_pos, bias, HAS_BIAS, SOFTPLUS, COMPUTE)
@@ -232,15 +250,15 @@ def _row_carry_kernel(
             Bj = tl.load(B_row + col * N, mask=m_state & (zero + col < W), other=0.0).to(COMPUTE)
             g = a * g + _lane_bcast(x, j, lanes, FAST) * Bj
             if (j + 1) % STEP == 0:
-                c = (col + 1) // CW - 1  # the chunk ending here, when (col + 1) % CW == 0
-                tl.store(carry_rows + c * H * NB, g, mask=m_chan & ((zero + col + 1) % CW == 0) & (zero + c < N_CW - 1))
+                c = (col + 1) // RC - 1  # the chunk ending here, when (col + 1) % RC == 0
+                tl.store(carry_rows + c * H * NB, g, mask=m_chan & ((zero + col + 1) % RC == 0) & (zero + c < N_RC - 1))
 
 
 @triton.jit
 def _fwd_kernel(
     delta_ptr, bias_ptr, u_ptr, z_ptr, Bt_ptr, Ct_ptr, A_ptr, D_ptr, carry_ptr, ckpt_ptr, y_ptr,
-    H, W, DIM, N, N_CW, N_CH,
-    DB: tl.constexpr, NB: tl.constexpr, TW: tl.constexpr, CW: tl.constexpr, CH: tl.constexpr,
+    H, W, DIM, N, N_RC, N_CH,
+    DB: tl.constexpr, NB: tl.constexpr, TW: tl.constexpr, RC: tl.constexpr, CH: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
     STORE_CKPT: tl.constexpr, FAST: tl.constexpr, COMPUTE: tl.constexpr,
 ):
@@ -264,8 +282,8 @@ def _fwd_kernel(
         skip = tl.load(D_ptr + chans[:, None] + zero, mask=m_chan, other=0.0).to(COMPUTE)
     col0 = pid_c * TW
     plane = (b * DIM + chans[:, None]) * H * W  # (DB, 1)
-    # g at column col0 - 1 sits in carry slot col0 / CW - 1
-    carry_rows = carry_ptr + ((b * DIM + chans[:, None]) * (N_CW - 1) + col0 // CW - 1) * H * NB + lanes[None, :]
+    # g at column col0 - 1 sits in carry slot col0 / RC - 1
+    carry_rows = carry_ptr + ((b * DIM + chans[:, None]) * (N_RC - 1) + col0 // RC - 1) * H * NB + lanes[None, :]
     m_left = m_chan & (zero + pid_c > 0)
     ckpt_rows = ckpt_ptr + (b * DIM + chans[:, None]) * (N_CH - 1) * W * NB + lanes[None, :]
     h = ()
@@ -343,48 +361,92 @@ def _fwd_row_inputs(i, delta_ptr, u_ptr, z_ptr, Bt_ptr, Ct_ptr, carry_rows, plan
 @triton.jit
 def _col_carry_kernel(
     delta_ptr, bias_ptr, z_ptr, dout_ptr, Ct_ptr, A_ptr, carry_ptr,
-    H, W, DIM, N, N_CH, N_NB,
-    CH: tl.constexpr, TW: tl.constexpr, NB: tl.constexpr, NP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, COMPUTE: tl.constexpr,
+    H, W, DIM, N, N_CH,
+    DB: tl.constexpr, NB: tl.constexpr, CH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, FAST: tl.constexpr,
+    COMPUTE: tl.constexpr,
 ):
-    """carry[b, d, s, j, :] = a[i0, j] * dh[i0, j] with i0 = (s + 1) * CH: the column adjoint that
-    flows up out of stripe s + 1 into stripe s, for s < N_CH - 1. One program per (block of TW
-    columns, channel, batch and block of NB states), stripes bottom to top. C is (batch, H, W, N)."""
-    pid_c = tl.program_id(0)
-    d = tl.program_id(1)
-    b = (tl.program_id(2) // N_NB).to(tl.int64)
-    states = (tl.program_id(2) % N_NB) * NB + tl.arange(0, NB)  # (NB,)
-    ti = tl.arange(0, CH)
-    cols = pid_c * TW + tl.arange(0, TW)  # (TW,)
-    m_col = cols < W
-    m_state = states < N
-    A = tl.load(A_ptr + d * N + states, mask=m_state, other=0.0).to(COMPUTE)  # (NB,)
+    """carry[b, d, s, j, :] = a[i0, j] dh[i0, j] with i0 = (s + 1) * CH: the column adjoint that
+    flows up out of stripe s + 1 into stripe s, for s < N_CH - 1. One program per (group of NB
+    columns, block of DB channels, batch); each thread walks its (channel, state) up the NB
+    columns, q = a (C dy + q), from the bottom row. C is (batch, H, W, N)."""
+    pid_g = tl.program_id(0)
+    chans = tl.program_id(1) * DB + tl.arange(0, DB)
+    b = tl.program_id(2).to(tl.int64)
+    lanes = tl.arange(0, NB)
+    zero = tl.zeros((DB, NB), tl.int32)
+    m_chan = (chans[:, None] + zero) < DIM
+    m_state = (lanes[None, :] + zero) < N
+    A2 = tl.load(A_ptr + chans[:, None] * N + lanes[None, :], mask=m_chan & m_state, other=0.0).to(COMPUTE) * LOG2E
     bias = 0.0
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + d).to(COMPUTE)
-    base = (b * DIM + d) * H * W
-    base_B = b * N * H * W
-    base_carry = (b * DIM + d) * (N_CH - 1) * W * NP
-    carry = tl.zeros((TW, NB), dtype=COMPUTE)  # a * dh on the row below the stripe
-    for k in range(0, N_CH - 1):
-        s = N_CH - 1 - k
-        rows = s * CH + ti
-        m2 = (rows < H)[:, None] & m_col[None, :]  # (CH, TW)
-        offs = rows[:, None] * W + cols[None, :]
-        dt, _ = _load_dt(delta_ptr + base, offs, m2, bias, HAS_BIAS, SOFTPLUS, COMPUTE)
-        dy = tl.load(dout_ptr + base + offs, mask=m2, other=0.0).to(COMPUTE)
+        bias = tl.load(bias_ptr + chans[:, None] + zero, mask=m_chan, other=0.0).to(COMPUTE)
+    plane = (b * DIM + chans[:, None]) * H * W
+    col0 = pid_g * NB
+    cols = col0 + lanes[None, :] + zero  # (DB, NB) read as positions
+    m_col = m_chan & (cols < W)
+    carry_rows = carry_ptr + (b * DIM + chans[:, None]) * (N_CH - 1) * W * NB + lanes[None, :]
+    q = ()
+    for col_init in tl.static_range(NB):
+        q = q + (tl.zeros((DB, NB), COMPUTE),)
+    # rows H - 1 down to CH (the top stripe's rows carry nothing further up); a row's inputs are
+    # loaded while the row below is computed
+    n_rows = H - CH
+    nxt = _col_row_inputs(H - 1, n_rows > 0, delta_ptr, dout_ptr, z_ptr, Ct_ptr, plane, cols, m_col, col0, b, H, W,
+                          N, m_state, zero, NB, HAS_Z)
+    for k in range(0, n_rows):
+        i = H - 1 - k
+        delta_t, dout_t, z_t, Cs = nxt
+        nxt = _col_row_inputs(i - 1, k + 1 < n_rows, delta_ptr, dout_ptr, z_ptr, Ct_ptr, plane, cols, m_col, col0, b,
+                              H, W, N, m_state, zero, NB, HAS_Z)
+        dt, _ = _dt_of(delta_t.to(COMPUTE), m_col, bias, HAS_BIAS, SOFTPLUS)
+        dy = dout_t.to(COMPUTE)
         if HAS_Z:
-            zv = tl.load(z_ptr + base + offs, mask=m2, other=0.0).to(COMPUTE)
+            zv = z_t.to(COMPUTE)
             dy = dy * zv * tl.sigmoid(zv)
-        Cv = tl.load(Ct_ptr + base_B + offs[:, :, None] * N + states[None, None, :],
-                     mask=m2[:, :, None] & m_state[None, None, :], other=0.0).to(COMPUTE)  # (CH, TW, NB)
-        cum = tl.cumsum(dt, axis=0)  # (CH, TW): sum of dt from the stripe's top row
-        total = tl.sum(dt, axis=0)  # (TW,)
-        # a[i0] dh[i0] = sum_i exp(A * cum_i) C_i dy_i + exp(A * total) * carry
-        weight = tl.exp(cum[:, :, None] * A[None, None, :])
-        carry = tl.sum(weight * Cv * dy[:, :, None], axis=0) + tl.exp(total[:, None] * A[None, :]) * carry
-        tl.store(carry_ptr + base_carry + (s - 1) * W * NP + cols[:, None] * NP + states[None, :], carry,
-                 mask=m_col[:, None])
+        new_q = ()
+        for j in tl.static_range(NB):
+            a = tl.exp2(_lane_bcast(dt, j, lanes, FAST) * A2)
+            new_q = new_q + (a * (Cs[j].to(COMPUTE) * _lane_bcast(dy, j, lanes, FAST) + q[j]),)
+        q = new_q
+        if i % CH == 0:
+            for j in tl.static_range(NB):
+                tl.store(carry_rows + ((i // CH - 1) * W + col0 + j) * NB, q[j], mask=m_chan & (zero + col0 + j < W))
+
+
+@triton.jit
+def _col_row_inputs(i, valid, delta_ptr, dout_ptr, z_ptr, Ct_ptr, plane, cols, m_col, col0, b, H, W, N, m_state,
+                    zero, NB: tl.constexpr, HAS_Z: tl.constexpr):
+    """Row i's inputs for _col_carry_kernel (nothing is read unless valid)."""
+    m_pos = m_col & ((zero + valid.to(tl.int32)) != 0)
+    offs = plane + i * W + cols
+    delta_t = tl.load(delta_ptr + offs, mask=m_pos, other=0.0)
+    dout_t = tl.load(dout_ptr + offs, mask=m_pos, other=0.0)
+    z_t = delta_t  # a placeholder without z (never read then)
+    if HAS_Z:
+        z_t = tl.load(z_ptr + offs, mask=m_pos, other=0.0)
+    Cs = ()
+    C_row = Ct_ptr + (b * H + i) * W * N + tl.arange(0, NB)[None, :] + zero
+    for j in tl.static_range(NB):
+        m_c = m_state & (zero + col0 + j < W) & ((zero + valid.to(tl.int32)) != 0)
+        Cs = Cs + (tl.load(C_row + (col0 + j) * N, mask=m_c, other=0.0),)
+    return delta_t, dout_t, z_t, Cs
+
+
+@triton.jit
+def _tile_positions(p, plane, row0, j0, m_chan, lanes, zero, H, W, NB: tl.constexpr, CH: tl.constexpr,
+                    CW: tl.constexpr):
+    """Offsets and mask of position tile p of the (CH, CW) tile at (row0, j0): its positions
+    p * NB + lane in row-major order, one per lane of each channel."""
+    qpos = p * NB + lanes[None, :] + zero
+    rows = row0 + qpos // CW
+    cols = j0 + qpos % CW
+    return plane + rows * W + cols, m_chan & (qpos < CH * CW) & (rows < H) & (cols < W)
+
+
+@triton.jit
+def _prepend(x, rest):
+    return (x,) + rest
 
 
 @triton.jit
@@ -392,127 +454,227 @@ def _bwd_kernel(
     delta_ptr, bias_ptr, u_ptr, z_ptr, dout_ptr, Bt_ptr, Ct_ptr, A_ptr, D_ptr,
     row_carry_ptr, ckpt_ptr, col_carry_ptr,
     ddelta_ptr, du_ptr, dz_ptr, dBt_ptr, dCt_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
-    H, W, DIM, N, N_CW, N_CH, N_NB,
-    CH: tl.constexpr, CW: tl.constexpr, NB: tl.constexpr, NP: tl.constexpr,
+    H, W, DIM, N, N_CW, N_RC, N_CH,
+    DB: tl.constexpr, NB: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, RC: tl.constexpr,
+    SG: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, HAS_D: tl.constexpr,
-    SPLIT: tl.constexpr, COMPUTE: tl.constexpr,
+    FAST: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    """One program per (row stripe of CH, channel, batch and block of NB states); tiles of CW
-    columns right to left. Each tile recomputes g and h from the saved carries, then runs the
-    two adjoint scans. B, C and their gradients are (batch, H, W, N): a position's states are
-    contiguous. With several state blocks (SPLIT) the sums over states (ddelta, du, dz) are
-    accumulated atomically; the D terms come from the first block only. All atomics are
-    relaxed: they are sums, ordered by nothing."""
+    """One program per (row stripe of CH, block of DB channels, batch), one (channel, state) per
+    thread; tiles of CW columns right to left. A tile's CH x CW states h are recomputed into
+    registers from g on its left (the row carry before its block of RC columns, taken across
+    the block's tiles on its left by the row pass) and the checkpoint above it, then walked from
+    the bottom-right corner with the column adjoint of each column and the row adjoint of each
+    row in registers. The tile's positions, in row-major order, are read NB at a time as
+    position tiles (delta, u, z, dout in; ddelta, du, dz out); the sums over states land there
+    through the lane exchange, SG positions at a time. B, C and their gradients are (batch, H,
+    W, N); each row of a tile sums its dB and dC over the program's channels into a (CW, NB)
+    tile, added by relaxed atomics (one lane per position and state)."""
     pid_s = tl.program_id(0)
-    d = tl.program_id(1)
-    b = (tl.program_id(2) // N_NB).to(tl.int64)
-    kb = tl.program_id(2) % N_NB
-    ti = tl.arange(0, CH)
-    tj = tl.arange(0, CW)
-    states = kb * NB + tl.arange(0, NB)  # (NB,)
-    m_state = states < N
-    rows = pid_s * CH + ti  # (CH,)
-    m_row = rows < H
-    m_row_dn = (rows + 1) < H
-    A = tl.load(A_ptr + d * N + states, mask=m_state, other=0.0).to(COMPUTE)  # (NB,)
+    chans = tl.program_id(1) * DB + tl.arange(0, DB)
+    b = tl.program_id(2).to(tl.int64)
+    lanes = tl.arange(0, NB)
+    zero = tl.zeros((DB, NB), tl.int32)
+    m_chan = (chans[:, None] + zero) < DIM
+    m_state = (lanes[None, :] + zero) < N
+    A2 = tl.load(A_ptr + chans[:, None] * N + lanes[None, :], mask=m_chan & m_state, other=0.0).to(COMPUTE) * LOG2E
+    A_nat = A2 * LN2
     bias = 0.0
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + d).to(COMPUTE)
-    first_block = (kb == 0).to(COMPUTE)  # the D terms belong to one block only
+        bias = tl.load(bias_ptr + chans[:, None] + zero, mask=m_chan, other=0.0).to(COMPUTE)
     skip = 0.0
     if HAS_D:
-        skip = tl.load(D_ptr + d).to(COMPUTE) * first_block
-    base = (b * DIM + d) * H * W
-    base_B = b * N * H * W
-    base_row_carry = (b * DIM + d) * (N_CW - 1) * H * NP
-    base_ckpt = (b * DIM + d) * (N_CH - 1) * W * NP + (pid_s - 1) * W * NP
-    base_col_carry = (b * DIM + d) * (N_CH - 1) * W * NP + pid_s * W * NP
-    first_col = (tj == 0)[None, :, None]
-    last_col = (tj == CW - 1)[None, :, None]
-    first_row = (ti == 0)[:, None, None]
-    last_row = (ti == CH - 1)[:, None, None]
-    m_top = (tj * 0 + pid_s) > 0  # (CW,)
-    m_bottom = (tj * 0 + pid_s) < N_CH - 1
-    dg_right = tl.zeros((CH, NB), dtype=COMPUTE)  # a * dg on the column right of the tile
-    dA_acc = tl.zeros((CH, CW, NB), dtype=COMPUTE)
-    dD_acc = tl.zeros((CH, CW), dtype=COMPUTE)
-    dbias_acc = tl.zeros((CH, CW), dtype=COMPUTE)
-    for k in range(0, N_CW):
-        c = N_CW - 1 - k
-        cols = c * CW + tj  # (CW,)
-        m_col = cols < W
-        m2 = m_row[:, None] & m_col[None, :]  # (CH, CW)
-        m3 = m2[:, :, None] & m_state[None, None, :]  # (CH, CW, NB)
-        offs = rows[:, None] * W + cols[None, :]
-        offs3 = offs[:, :, None] * N + states[None, None, :]  # (batch, H, W, N) layout
-        dt, raw = _load_dt(delta_ptr + base, offs, m2, bias, HAS_BIAS, SOFTPLUS, COMPUTE)
-        u = tl.load(u_ptr + base + offs, mask=m2, other=0.0).to(COMPUTE)
-        Bv = tl.load(Bt_ptr + base_B + offs3, mask=m3, other=0.0).to(COMPUTE)
-        Cv = tl.load(Ct_ptr + base_B + offs3, mask=m3, other=0.0).to(COMPUTE)
-        # forward states of the tile, recomputed from the carries on its left and top edges
-        a = tl.exp(dt[:, :, None] * A[None, None, :])  # (CH, CW, NB)
-        x = (dt * u)[:, :, None] * Bv
-        g_left = tl.load(row_carry_ptr + base_row_carry + (c - 1) * H * NP + rows[:, None] * NP + states[None, :],
-                         mask=m_row[:, None] & ((rows * 0 + c) > 0)[:, None], other=0.0)  # (CH, NB)
-        _, g = tl.associative_scan((a, x + tl.where(first_col, a * g_left[:, None, :], 0.0)), 1,
-                                   _affine_combine)
-        h_top = tl.load(ckpt_ptr + base_ckpt + cols[:, None] * NP + states[None, :],
-                        mask=(m_col & m_top)[:, None], other=0.0)  # (CW, NB)
-        _, h = tl.associative_scan((a, g + tl.where(first_row, a * h_top[None, :, :], 0.0)), 0,
-                                   _affine_combine)
-        dout = tl.load(dout_ptr + base + offs, mask=m2, other=0.0).to(COMPUTE)
-        dy = dout
-        if HAS_Z:
-            y = tl.sum(Cv * h, axis=2)  # this block's share of y (and D u in the first block)
-            if HAS_D:
-                y = y + skip * u
-            zv = tl.load(z_ptr + base + offs, mask=m2, other=0.0).to(COMPUTE)
-            sig = tl.sigmoid(zv)
-            dz = dout * y * sig * (1.0 + zv * (1.0 - sig))
-            if SPLIT:
-                tl.atomic_add(dz_ptr + base + offs, dz, mask=m2, sem="relaxed")
-            else:
-                tl.store(dz_ptr + base + offs, dz, mask=m2)
-            dy = dout * zv * sig
-        tl.atomic_add(dCt_ptr + base_B + offs3, h * dy[:, :, None], mask=m3, sem="relaxed")
-        # column adjoint: dh[i] = C dy[i] + a[i+1] dh[i+1], bottom to top
-        dt_dn, _ = _load_dt(delta_ptr + base, offs + W, m_row_dn[:, None] & m_col[None, :], bias, HAS_BIAS,
-                            SOFTPLUS, COMPUTE)
-        a_dn = tl.exp(dt_dn[:, :, None] * A[None, None, :])
-        dh_below = tl.load(col_carry_ptr + base_col_carry + cols[:, None] * NP + states[None, :],
-                           mask=(m_col & m_bottom)[:, None], other=0.0)  # (CW, NB)
-        c_dy = Cv * dy[:, :, None] + tl.where(last_row, dh_below[None, :, :], 0.0)
-        _, dh = tl.associative_scan((a_dn, c_dy), 0, _affine_combine, reverse=True)
-        # row adjoint: dg[j] = dh[j] + a[j+1] dg[j+1], right to left
-        dt_rt, _ = _load_dt(delta_ptr + base, offs + 1, m_row[:, None] & ((cols + 1) < W)[None, :], bias,
-                            HAS_BIAS, SOFTPLUS, COMPUTE)
-        a_rt = tl.exp(dt_rt[:, :, None] * A[None, None, :])
-        _, dg = tl.associative_scan((a_rt, dh + tl.where(last_col, dg_right[:, None, :], 0.0)), 1,
-                                    _affine_combine, reverse=True)
-        dg_right = tl.sum(tl.where(first_col, a * dg, 0.0), axis=1)  # (CH, NB)
-        # a * g[j-1] = g - x and a * h[i-1] = h - g: the decay's two inputs without a shift
-        dlog_a = dg * (g - x) + dh * (h - g)  # d(out)/d(log a), (CH, CW, NB)
-        tl.atomic_add(dBt_ptr + base_B + offs3, dg * (dt * u)[:, :, None], mask=m3, sem="relaxed")
-        ddt = tl.sum(dlog_a * A[None, None, :] + dg * Bv * u[:, :, None], axis=2)  # (CH, CW)
-        du = tl.sum(dg * Bv, axis=2) * dt
-        if HAS_D:
-            du = du + skip * dy
-            dD_acc += tl.where(m2, dy * u, 0.0) * first_block
-        dA_acc += dlog_a * dt[:, :, None]
-        if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(raw)
-        ddt = tl.where(m2, ddt, 0.0)
-        dbias_acc += ddt
-        if SPLIT:
-            tl.atomic_add(ddelta_ptr + base + offs, ddt, mask=m2, sem="relaxed")
-            tl.atomic_add(du_ptr + base + offs, du, mask=m2, sem="relaxed")
-        else:
-            tl.store(ddelta_ptr + base + offs, ddt, mask=m2)
-            tl.store(du_ptr + base + offs, du, mask=m2)
-    tl.store(dA_part_ptr + ((b * N_CH + pid_s) * DIM + d) * NP + states, tl.sum(tl.sum(dA_acc, axis=1), axis=0))
-    part = ((b * N_CH + pid_s) * N_NB + kb) * DIM + d
-    tl.store(dD_part_ptr + part, tl.sum(tl.sum(dD_acc, axis=1), axis=0))
-    tl.store(dbias_part_ptr + part, tl.sum(tl.sum(dbias_acc, axis=1), axis=0))
+        skip = tl.load(D_ptr + chans[:, None] + zero, mask=m_chan, other=0.0).to(COMPUTE)
+    plane = (b * DIM + chans[:, None]) * H * W
+    row0 = pid_s * CH
+    NQ: tl.constexpr = (CH * CW + NB - 1) // NB  # position tiles per tile
+    row_carry_rows = row_carry_ptr + (b * DIM + chans[:, None]) * (N_RC - 1) * H * NB + lanes[None, :]
+    ckpt_rows = ckpt_ptr + ((b * DIM + chans[:, None]) * (N_CH - 1) + pid_s - 1) * W * NB + lanes[None, :]
+    col_carry_rows = col_carry_ptr + ((b * DIM + chans[:, None]) * (N_CH - 1) + pid_s) * W * NB + lanes[None, :]
+    m_top = m_chan & (zero + pid_s > 0)
+    m_bottom = m_chan & (zero + pid_s < N_CH - 1)
+    B_plane = Bt_ptr + b * H * W * N + lanes[None, :] + zero
+    C_plane = Ct_ptr + b * H * W * N + lanes[None, :] + zero
+    tile_cols = tl.arange(0, CW)
+    tile_states = tl.arange(0, NB)
+    zero_bc = tl.zeros((CW, NB), tl.int32)
+    r = ()  # per row: a dg at the first column of the tile on the right
+    for row_init in tl.static_range(CH):
+        r = r + (tl.zeros((DB, NB), COMPUTE),)
+    dA_acc = tl.zeros((DB, NB), COMPUTE)
+    dD_acc = tl.zeros((DB, NB), COMPUTE)
+    dbias_acc = tl.zeros((DB, NB), COMPUTE)
+    for kt in range(0, N_CW):
+        c = N_CW - 1 - kt
+        j0 = c * CW
+        # the tile's positions, NB at a time in row-major order: position p * NB + lane. dt, dt u
+        # and dy are kept; the rest is read again where the position tile's gradients are formed
+        dts = ()
+        xs = ()
+        dys = ()
+        for p in tl.static_range(NQ):
+            offs, m_pos = _tile_positions(p, plane, row0, j0, m_chan, lanes, zero, H, W, NB, CH, CW)
+            dt, _ = _load_dt(delta_ptr, offs, m_pos, bias, HAS_BIAS, SOFTPLUS, COMPUTE)
+            dy = tl.load(dout_ptr + offs, mask=m_pos, other=0.0).to(COMPUTE)
+            if HAS_Z:
+                zv = tl.load(z_ptr + offs, mask=m_pos, other=0.0).to(COMPUTE)
+                dy = dy * zv * tl.sigmoid(zv)
+            dts = dts + (dt,)
+            xs = xs + (dt * tl.load(u_ptr + offs, mask=m_pos, other=0.0).to(COMPUTE),)
+            dys = dys + (dy,)
+        # g at column j0 - 1 of each row: the row carry before this tile's block of RC columns,
+        # taken by the row pass across the block's tiles left of this one
+        blk = j0 // RC
+        g_left = ()
+        for i in tl.static_range(CH):
+            m_g = m_chan & ((zero + row0 + i) < H) & (zero + blk > 0)
+            g_left = g_left + (tl.load(row_carry_rows + ((blk - 1) * H + row0 + i) * NB, mask=m_g,
+                                       other=0.0).to(COMPUTE),)
+        for t in range(0, (j0 % RC) // CW):
+            jt = blk * RC + t * CW
+            dts_t = ()
+            xs_t = ()
+            for p in tl.static_range(NQ):
+                offs, m_pos = _tile_positions(p, plane, row0, jt, m_chan, lanes, zero, H, W, NB, CH, CW)
+                dt, _ = _load_dt(delta_ptr, offs, m_pos, bias, HAS_BIAS, SOFTPLUS, COMPUTE)
+                dts_t = dts_t + (dt,)
+                xs_t = xs_t + (dt * tl.load(u_ptr + offs, mask=m_pos, other=0.0).to(COMPUTE),)
+            new_g = ()
+            for i in tl.static_range(CH):
+                g = g_left[i]
+                for j in tl.static_range(CW):
+                    m_bc = m_state & ((zero + row0 + i) < H)
+                    a = tl.exp2(_lane_bcast(dts_t[(i * CW + j) // NB], (i * CW + j) % NB, lanes, FAST) * A2)
+                    Bj = tl.load(B_plane + ((row0 + i) * W + jt + j) * N, mask=m_bc, other=0.0).to(COMPUTE)
+                    g = a * g + _lane_bcast(xs_t[(i * CW + j) // NB], (i * CW + j) % NB, lanes, FAST) * Bj
+                new_g = new_g + (g,)
+            g_left = new_g
+        # forward states of the tile, rows top to bottom, from the checkpoint above and g_left
+        h_top = ()
+        for j in tl.static_range(CW):
+            h_top = h_top + (tl.load(ckpt_rows + (j0 + j) * NB, mask=m_top & (zero + j0 + j < W),
+                                     other=0.0).to(COMPUTE),)
+        hs = ()  # row-major, CH * CW
+        hcol = h_top
+        for i in tl.static_range(CH):
+            m_row = (zero + row0 + i) < H
+            g = g_left[i]
+            new_col = ()
+            for j in tl.static_range(CW):
+                m_bc = m_state & m_row & (zero + j0 + j < W)
+                pos = ((row0 + i) * W + j0 + j) * N
+                a = tl.exp2(_lane_bcast(dts[(i * CW + j) // NB], (i * CW + j) % NB, lanes, FAST) * A2)
+                Bj = tl.load(B_plane + pos, mask=m_bc, other=0.0).to(COMPUTE)
+                g = a * g + _lane_bcast(xs[(i * CW + j) // NB], (i * CW + j) % NB, lanes, FAST) * Bj
+                hn = a * hcol[j] + g
+                new_col = new_col + (hn,)
+                hs = hs + (hn,)
+            hcol = new_col
+        # adjoints, from the bottom-right corner: qcol[j] = a dh flowing up from the row below,
+        # rr = a dg flowing left from the column on the right
+        qcol = ()
+        for j in tl.static_range(CW):
+            qcol = qcol + (tl.load(col_carry_rows + (j0 + j) * NB, mask=m_bottom & (zero + j0 + j < W),
+                                   other=0.0).to(COMPUTE),)
+        new_r = ()
+        # sums over states, SG positions at a time, gathered into a position tile (acc_*)
+        acc_ddt = tl.zeros((DB, NB), COMPUTE)
+        acc_gB = tl.zeros((DB, NB), COMPUTE)
+        acc_y = tl.zeros((DB, NB), COMPUTE)
+        t_ddt = ()
+        t_gB = ()
+        t_y = ()
+        # a tile of fewer than SG positions fills its one group with zeros
+        for pad in tl.static_range((SG - (CH * CW) % SG) % SG):
+            t_ddt = _prepend(tl.zeros((DB, NB), COMPUTE), t_ddt)
+            t_gB = _prepend(tl.zeros((DB, NB), COMPUTE), t_gB)
+            t_y = _prepend(tl.zeros((DB, NB), COMPUTE), t_y)
+        # (static indices are written out in full: a name assigned in the loop would not be one)
+        for bi in tl.static_range(CH - 1, -1, -1):
+            rr = r[bi]
+            new_q = ()
+            row_dB = ()
+            row_dC = ()
+            m_row = (zero + row0 + bi) < H
+            for bj in tl.static_range(CW - 1, -1, -1):
+                m_bc = m_state & m_row & (zero + j0 + bj < W)
+                pos = ((row0 + bi) * W + j0 + bj) * N
+                dt_b = _lane_bcast(dts[(bi * CW + bj) // NB], (bi * CW + bj) % NB, lanes, FAST)
+                x_b = _lane_bcast(xs[(bi * CW + bj) // NB], (bi * CW + bj) % NB, lanes, FAST)
+                dy_b = _lane_bcast(dys[(bi * CW + bj) // NB], (bi * CW + bj) % NB, lanes, FAST)
+                a = tl.exp2(dt_b * A2)
+                Bj = tl.load(B_plane + pos, mask=m_bc, other=0.0).to(COMPUTE)
+                Cj = tl.load(C_plane + pos, mask=m_bc, other=0.0).to(COMPUTE)
+                h = hs[bi * CW + bj]
+                if bi > 0:
+                    h_up = hs[bi * CW + bj - CW]
+                else:
+                    h_up = h_top[bj]
+                g = h - a * h_up
+                dh = Cj * dy_b + qcol[bj]
+                dg = dh + rr
+                dlog = dg * (g - x_b * Bj) + dh * (h - g)  # d(out)/d(log a)
+                dA_acc += dlog * dt_b
+                t_ddt = _prepend(dlog * A_nat, t_ddt)
+                t_gB = _prepend(dg * Bj, t_gB)
+                if HAS_Z:
+                    t_y = _prepend(Cj * h, t_y)
+                row_dB = _prepend(dg * x_b, row_dB)
+                row_dC = _prepend(h * dy_b, row_dC)
+                new_q = _prepend(a * dh, new_q)
+                rr = a * dg
+                if (bi * CW + bj) % SG == 0:
+                    # a group of SG positions is done: its sums over states go to their lanes
+                    in_group = (lanes[None, :] + zero) // SG == ((bi * CW + bj) % NB) // SG
+                    acc_ddt = tl.where(in_group, _lane_sums(t_ddt, lanes, FAST), acc_ddt)
+                    acc_gB = tl.where(in_group, _lane_sums(t_gB, lanes, FAST), acc_gB)
+                    if HAS_Z:
+                        acc_y = tl.where(in_group, _lane_sums(t_y, lanes, FAST), acc_y)
+                    t_ddt = ()
+                    t_gB = ()
+                    t_y = ()
+                if (bi * CW + bj) % NB == 0:
+                    # position tile (bi * CW + bj) / NB is done: its gradients
+                    offs, m_pos = _tile_positions((bi * CW + bj) // NB, plane, row0, j0, m_chan, lanes, zero, H, W,
+                                                  NB, CH, CW)
+                    dt_p, raw = _load_dt(delta_ptr, offs, m_pos, bias, HAS_BIAS, SOFTPLUS, COMPUTE)
+                    u_p = tl.load(u_ptr + offs, mask=m_pos, other=0.0).to(COMPUTE)
+                    dy_p = dys[(bi * CW + bj) // NB]
+                    ddt = acc_ddt + u_p * acc_gB
+                    du = dt_p * acc_gB
+                    if HAS_D:
+                        du = du + skip * dy_p
+                        dD_acc += tl.where(m_pos, dy_p * u_p, 0.0)
+                    if HAS_Z:
+                        y = acc_y
+                        if HAS_D:
+                            y = y + skip * u_p
+                        z_p = tl.load(z_ptr + offs, mask=m_pos, other=0.0).to(COMPUTE)
+                        dout_p = tl.load(dout_ptr + offs, mask=m_pos, other=0.0).to(COMPUTE)
+                        sig = tl.sigmoid(z_p)
+                        tl.store(dz_ptr + offs, dout_p * y * sig * (1.0 + z_p * (1.0 - sig)), mask=m_pos)
+                    if SOFTPLUS:
+                        ddt = ddt * tl.sigmoid(raw)
+                    ddt = tl.where(m_pos, ddt, 0.0)
+                    dbias_acc += ddt
+                    tl.store(ddelta_ptr + offs, ddt, mask=m_pos)
+                    tl.store(du_ptr + offs, du, mask=m_pos)
+            # the row's dB and dC, summed over the program's channels, then added atomically
+            offs_bc = ((row0 + bi) * W + j0 + tile_cols[:, None]) * N + tile_states[None, :]
+            m_bc_row = (((zero_bc + tile_states[None, :]) < N) & ((zero_bc + j0 + tile_cols[:, None]) < W)
+                        & ((zero_bc + row0 + bi) < H))
+            tl.atomic_add(dBt_ptr + b * H * W * N + offs_bc, tl.sum(_stack(row_dB), axis=1), mask=m_bc_row,
+                          sem="relaxed")
+            tl.atomic_add(dCt_ptr + b * H * W * N + offs_bc, tl.sum(_stack(row_dC), axis=1), mask=m_bc_row,
+                          sem="relaxed")
+            qcol = new_q
+            new_r = _prepend(rr, new_r)
+        r = new_r
+    part = (b * N_CH + pid_s) * DIM + chans
+    m_c = chans < DIM
+    tl.store(dA_part_ptr + part[:, None] * NB + lanes[None, :], dA_acc, mask=m_chan)
+    tl.store(dD_part_ptr + part, tl.sum(dD_acc, axis=1), mask=m_c)
+    tl.store(dbias_part_ptr + part, tl.sum(dbias_acc, axis=1), mask=m_c)
 
 
 def _compute_dtype(u: torch.Tensor) -> torch.dtype:
@@ -547,14 +709,15 @@ def _padded_states(n_state: int) -> int:
     return max(triton.next_power_of_2(n_state), 2)
 
 
-def _lane_tiles(n_padded: int, compute: torch.dtype) -> tuple[int, int, bool]:
-    """(channels per program, warps, FAST) of the forward kernels for NP padded states: the
-    channels fill a warp's lanes (one channel per program beyond 32 states); FAST (warp
-    shuffles) needs compiled float32 kernels and exactly one warp."""
-    channels = max(1, 32 // n_padded)
-    warps = max(1, channels * n_padded // 32)
-    fast = not INTERPRETED and compute == torch.float32 and channels * n_padded == 32
-    return channels, warps, fast
+def _lane_tiles(n_padded: int, compute: torch.dtype, warps: int = 1) -> tuple[int, int, bool]:
+    """(channels per program, num_warps, FAST) for NP padded states and programs of ``warps``
+    warps' worth of (channel, state) pairs: the channels fill each warp's lanes with their states
+    (a channel spans several warps beyond 32 states); FAST (warp shuffles) needs compiled float32
+    kernels and a channel's states inside one warp."""
+    channels = max(1, 32 // n_padded) * warps
+    num_warps = max(1, channels * n_padded // 32)
+    fast = not INTERPRETED and compute == torch.float32 and n_padded <= 32
+    return channels, num_warps, fast
 
 
 def _states_last(t: torch.Tensor) -> torch.Tensor:
@@ -567,11 +730,11 @@ def _launch_forward(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus, save_
     n_state = A.shape[1]
     NP = _padded_states(n_state)
     compute = _compute_dtype(u)
-    n_cw = triton.cdiv(width, cfg.CW)
+    n_rc = triton.cdiv(width, cfg.carry_cols)
     n_ch = triton.cdiv(height, cfg.CH)
     dummy = torch.empty(1, device=u.device, dtype=compute)
-    row_carry = (torch.empty(batch, dim, n_cw - 1, height, NP, device=u.device, dtype=compute)
-                 if n_cw > 1 else dummy)
+    row_carry = (torch.empty(batch, dim, n_rc - 1, height, NP, device=u.device, dtype=compute)
+                 if n_rc > 1 else dummy)
     ckpt = (torch.empty(batch, dim, n_ch - 1, width, NP, device=u.device, dtype=compute)
             if save_ckpt and n_ch > 1 else dummy)
     channels, warps, fast = _lane_tiles(NP, compute)
@@ -580,18 +743,18 @@ def _launch_forward(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus, save_
     if cfg.fwd_maxnreg is not None and not INTERPRETED:
         flags["maxnreg"] = cfg.fwd_maxnreg
     bias_arg = delta_bias if delta_bias is not None else dummy
-    if n_cw > 1:
+    if n_rc > 1:
         grid = (height, triton.cdiv(dim, channels), batch)
         launcher(_row_carry_kernel)[grid](
-            delta, bias_arg, u, Bt, A, row_carry, height, width, dim, n_state, n_cw,
-            DB=channels, NB=NP, CW=cfg.CW, **flags)
+            delta, bias_arg, u, Bt, A, row_carry, height, width, dim, n_state, n_rc,
+            DB=channels, NB=NP, RC=cfg.carry_cols, **flags)
     y = torch.empty(u.shape, device=u.device, dtype=u.dtype)
-    stripe = max(cfg.fwd_cols, NP)  # whole groups of NP columns, whole chunks of CW
+    stripe = max(cfg.fwd_cols, NP)  # whole groups of NP columns, whole blocks of carry_cols
     grid = (triton.cdiv(width, stripe), triton.cdiv(dim, channels), batch)
     launcher(_fwd_kernel)[grid](
         delta, bias_arg, u, z if z is not None else dummy, Bt, Ct, A, D if D is not None else dummy,
-        row_carry, ckpt, y, height, width, dim, n_state, n_cw, n_ch,
-        DB=channels, NB=NP, TW=stripe, CW=cfg.CW, CH=cfg.CH,
+        row_carry, ckpt, y, height, width, dim, n_state, n_rc, n_ch,
+        DB=channels, NB=NP, TW=stripe, RC=cfg.carry_cols, CH=cfg.CH,
         HAS_Z=z is not None, HAS_D=D is not None, STORE_CKPT=bool(save_ckpt and n_ch > 1), **flags)
     return y, row_carry, ckpt
 
@@ -600,54 +763,51 @@ def _launch_backward(dout, u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus
     batch, dim, height, width = u.shape
     n_state = A.shape[1]
     NP = _padded_states(n_state)
-    NB = min(cfg.bwd_states, NP)
-    n_nb = NP // NB
-    split = n_nb > 1
     compute = _compute_dtype(u)
     n_cw = triton.cdiv(width, cfg.CW)
     n_ch = triton.cdiv(height, cfg.CH)
     dev = u.device
     dummy = torch.empty(1, device=dev, dtype=compute)
-    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), HAS_Z=z is not None,
-                 COMPUTE=_tl_dtype(compute))
+    channels, warps, fast = _lane_tiles(NP, compute, cfg.bwd_warps)
+    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), HAS_Z=z is not None, FAST=fast,
+                 COMPUTE=_tl_dtype(compute), num_warps=warps)
     bias_arg = delta_bias if delta_bias is not None else dummy
     z_arg = z if z is not None else dummy
     col_carry = (torch.empty(batch, dim, n_ch - 1, width, NP, device=dev, dtype=compute)
                  if n_ch > 1 else dummy)
     if n_ch > 1:
-        grid = (triton.cdiv(width, cfg.carry_cols), dim, batch * n_nb)
+        grid = (triton.cdiv(width, NP), triton.cdiv(dim, channels), batch)
         launcher(_col_carry_kernel)[grid](
-            delta, bias_arg, z_arg, dout, Ct, A, col_carry, height, width, dim, n_state, n_ch, n_nb,
-            CH=cfg.CH, TW=cfg.carry_cols, NB=NB, NP=NP, num_warps=cfg.carry_warps, **flags)
-    # sums over states: one program per state block adds its share (in the compute dtype)
-    new = torch.zeros if split else torch.empty
-    ddelta = new(delta.shape, device=dev, dtype=compute if split else delta.dtype)
-    du = new(u.shape, device=dev, dtype=compute if split else u.dtype)
-    dz = new(z.shape, device=dev, dtype=compute if split else z.dtype) if z is not None else dummy
+            delta, bias_arg, z_arg, dout, Ct, A, col_carry, height, width, dim, n_state, n_ch,
+            DB=channels, NB=NP, CH=cfg.CH, **flags)
+    ddelta = torch.empty(delta.shape, device=dev, dtype=delta.dtype)
+    du = torch.empty(u.shape, device=dev, dtype=u.dtype)
+    dz = torch.empty(z.shape, device=dev, dtype=z.dtype) if z is not None else dummy
     # B and C are shared by all channels: their gradients are summed across programs atomically,
     # (batch, H, W, N) like Bt and Ct
     dBt = torch.zeros(2, batch, height, width, n_state, device=dev, dtype=compute)
+    # per-stripe partial sums of dA, dD and ddelta_bias, added up below (deterministic)
     dA_part = torch.empty(batch, n_ch, dim, NP, device=dev, dtype=compute)
-    dD_part = torch.empty(batch, n_ch, n_nb, dim, device=dev, dtype=compute)
-    dbias_part = torch.empty(batch, n_ch, n_nb, dim, device=dev, dtype=compute)
-    grid = (n_ch, dim, batch * n_nb)
+    dD_part = torch.empty(batch, n_ch, dim, device=dev, dtype=compute)
+    dbias_part = torch.empty(batch, n_ch, dim, device=dev, dtype=compute)
+    grid = (n_ch, triton.cdiv(dim, channels), batch)
+    options = dict(maxnreg=cfg.bwd_maxnreg) if cfg.bwd_maxnreg is not None and not INTERPRETED else {}
     launcher(_bwd_kernel)[grid](
         delta, bias_arg, u, z_arg, dout, Bt, Ct, A, D if D is not None else dummy,
         row_carry, ckpt, col_carry,
         ddelta, du, dz, dBt[0], dBt[1], dA_part, dD_part, dbias_part,
-        height, width, dim, n_state, n_cw, n_ch, n_nb,
-        CH=cfg.CH, CW=cfg.CW, NB=NB, NP=NP, HAS_D=D is not None, SPLIT=split, num_warps=cfg.bwd_warps,
-        **flags)
+        height, width, dim, n_state, n_cw, triton.cdiv(width, cfg.carry_cols), n_ch,
+        DB=channels, NB=NP, CH=cfg.CH, CW=cfg.CW, RC=cfg.carry_cols, SG=min(SUM_GROUP, NP), HAS_D=D is not None,
+        **flags, **options)
     dA = dA_part.sum(dim=(0, 1))[:, :n_state].to(A.dtype)
-    dD = dD_part.sum(dim=(0, 1, 2)).to(D.dtype) if D is not None else None
-    dbias = dbias_part.sum(dim=(0, 1, 2)).to(delta_bias.dtype) if delta_bias is not None else None
+    dD = dD_part.sum(dim=(0, 1)).to(D.dtype) if D is not None else None
+    dbias = dbias_part.sum(dim=(0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
     dB, dC = dBt.permute(0, 1, 4, 2, 3)
-    return (du.to(u.dtype), ddelta.to(delta.dtype), dA, dB.to(Bt.dtype), dC.to(Ct.dtype), dD,
-            dz.to(z.dtype) if z is not None else None, dbias)
+    return (du, ddelta, dA, dB.to(Bt.dtype), dC.to(Ct.dtype), dD, dz if z is not None else None, dbias)
 
 
 class SelectiveScan2DFn(torch.autograd.Function):
-    """Autograd wiring: the forward keeps only the N/CW- and N/CH-fold carries, never the states."""
+    """Autograd wiring: the forward keeps only the N/carry_cols- and N/CH-fold carries, never the states."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, cfg):

@@ -103,13 +103,15 @@ def _tiled():
 def small_configs():
     cfg = _tiled().TileConfig
     return {
-        # backward tiles of 2x2 (a 5x7 grid has 3x4 of them) in state blocks of 2 (N = 3 -> two
-        # blocks that add their shares); forward stripes of 4 columns (one group of 4 padded
-        # states), two row carries inside each group
-        "small": cfg(CW=2, CH=2, fwd_cols=4, carry_cols=4, bwd_states=2, bwd_warps=1, carry_warps=1),
+        # tiles of 2x2 (a 5x7 grid has 3x4 of them): one position tile of 4 (N = 3 pads to 4);
+        # forward stripes of 4 columns (one group of 4 padded states); row carries every two
+        # tiles, so every other tile first takes the row pass across the tile on its left
+        "small": cfg(CW=2, CH=2, carry_cols=4, fwd_cols=4),
         # forward stripes twice the carry width; with N <= 2, groups of 2 columns, shorter than a
-        # carry chunk; 2-column carry programs; all states in one block
-        "mixed": cfg(CW=4, CH=4, fwd_cols=8, carry_cols=2, bwd_states=4, bwd_warps=1, carry_warps=1),
+        # carry block; backward tiles of 16 positions in 8 position tiles, a row carry at each
+        "mixed": cfg(CW=4, CH=4, carry_cols=4, fwd_cols=8),
+        # row carries every 4 tiles: up to 3 tiles of row pass before a tile
+        "sparse": cfg(CW=2, CH=2, carry_cols=8, fwd_cols=8),
         "default": _tiled().DEFAULT_CONFIG,
     }
 
@@ -173,6 +175,7 @@ TRITON_CASES = [
     (1, 1, 1, 1, 2, True, True, "small", torch.float32),
     (2, 2, 9, 6, 2, True, True, "mixed", torch.float32),
     (1, 4, 4, 4, 1, False, False, "mixed", torch.float32),
+    (1, 2, 5, 11, 3, True, True, "sparse", torch.float32),
     (1, 2, 5, 7, 3, True, True, "default", torch.float32),
 ]
 
@@ -255,9 +258,10 @@ def test_triton_rejects_mismatched_shapes():
 @pytest.mark.parametrize("fields,message", [
     (dict(fwd_cols=24), "fwd_cols=24 must be a power of two"),
     (dict(CW=32, fwd_cols=16), "must be a multiple of CW"),
+    (dict(carry_cols=32), r"fwd_cols \(16\) must be a multiple of carry_cols"),
     (dict(fwd_maxnreg=8), "fwd_maxnreg=8 must be None"),
     (dict(fwd_maxnreg=300), "fwd_maxnreg=300 must be None"),
-], ids=["stripe", "stripe-vs-carry", "cap-low", "cap-high"])
+], ids=["stripe", "carry-vs-tile", "stripe-vs-carry", "cap-low", "cap-high"])
 def test_tile_config_rejects_bad_values(fields, message):
     inputs = make_inputs(1, 2, 3, 4, 2)
     cfg = _tiled().TileConfig(**fields)
