@@ -55,7 +55,7 @@ class TileConfig:
     bwd_maxnreg: int | None = None
 
     def check(self) -> None:
-        for name in ("CW", "CH", "carry_cols", "fwd_cols"):
+        for name in ("CW", "CH", "carry_cols", "fwd_cols", "bwd_warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"TileConfig.{name}={value} must be a power of two")
@@ -64,9 +64,11 @@ class TileConfig:
         if self.fwd_cols % self.carry_cols:
             raise ValueError(f"TileConfig: fwd_cols ({self.fwd_cols}) must be a multiple of carry_cols "
                              f"({self.carry_cols})")
-        if self.fwd_maxnreg is not None and not 32 <= self.fwd_maxnreg <= 255:
-            raise ValueError(f"TileConfig.fwd_maxnreg={self.fwd_maxnreg} must be None (no cap) or a register count "
-                             "per thread from 32 to 255")
+        for name in ("fwd_maxnreg", "bwd_maxnreg"):
+            value = getattr(self, name)
+            if value is not None and not 32 <= value <= 255:
+                raise ValueError(f"TileConfig.{name}={value} must be None (no cap) or a register count per thread "
+                                 "from 32 to 255")
 
 
 DEFAULT_CONFIG = TileConfig()

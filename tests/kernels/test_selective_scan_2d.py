@@ -261,7 +261,9 @@ def test_triton_rejects_mismatched_shapes():
     (dict(carry_cols=32), r"fwd_cols \(16\) must be a multiple of carry_cols"),
     (dict(fwd_maxnreg=8), "fwd_maxnreg=8 must be None"),
     (dict(fwd_maxnreg=300), "fwd_maxnreg=300 must be None"),
-], ids=["stripe", "carry-vs-tile", "stripe-vs-carry", "cap-low", "cap-high"])
+    (dict(bwd_maxnreg=16), "bwd_maxnreg=16 must be None"),
+    (dict(bwd_warps=3), "bwd_warps=3 must be a power of two"),
+], ids=["stripe", "carry-vs-tile", "stripe-vs-carry", "cap-low", "cap-high", "bwd-cap", "bwd-warps"])
 def test_tile_config_rejects_bad_values(fields, message):
     inputs = make_inputs(1, 2, 3, 4, 2)
     cfg = _tiled().TileConfig(**fields)
