@@ -216,6 +216,25 @@ def _lane_sums(vals, lanes, FAST: tl.constexpr):
 
 
 @triton.jit
+def _program_lanes(A_ptr, bias_ptr, DIM, N, DB: tl.constexpr, NB: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   COMPUTE: tl.constexpr):
+    """What every kernel's program starts from: its DB channels (program axis 1) and batch (axis
+    2), the NB lanes, a (DB, NB) zero tile for broadcasting, the channel and state masks, A * log2(e)
+    per (channel, state) and delta_bias per channel (zeros without it)."""
+    chans = tl.program_id(1) * DB + tl.arange(0, DB)  # (DB,)
+    b = tl.program_id(2).to(tl.int64)
+    lanes = tl.arange(0, NB)  # (NB,): a state, or a position of a group of NB
+    zero = tl.zeros((DB, NB), tl.int32)
+    m_chan = (chans[:, None] + zero) < DIM  # (DB, NB)
+    m_state = (lanes[None, :] + zero) < N
+    A2 = tl.load(A_ptr + chans[:, None] * N + lanes[None, :], mask=m_chan & m_state, other=0.0).to(COMPUTE) * LOG2E
+    bias = tl.zeros((DB, NB), COMPUTE)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + chans[:, None] + zero, mask=m_chan, other=0.0).to(COMPUTE)
+    return chans, b, lanes, zero, m_chan, m_state, A2, bias
+
+
+@triton.jit
 def _row_carry_kernel(
     delta_ptr, bias_ptr, u_ptr, Bt_ptr, A_ptr, carry_ptr,
     H, W, DIM, N, N_RC,
@@ -226,16 +245,8 @@ def _row_carry_kernel(
     One program per (row i, block of DB channels, batch): each thread runs the row pass of one
     (channel, state) from the left edge, NB columns at a time."""
     i = tl.program_id(0)
-    chans = tl.program_id(1) * DB + tl.arange(0, DB)  # (DB,)
-    b = tl.program_id(2).to(tl.int64)
-    lanes = tl.arange(0, NB)  # (NB,): a state, or a column of a group of NB
-    zero = tl.zeros((DB, NB), tl.int32)
-    m_chan = (chans[:, None] + zero) < DIM  # (DB, NB)
-    m_state = (lanes[None, :] + zero) < N
-    A2 = tl.load(A_ptr + chans[:, None] * N + lanes[None, :], mask=m_chan & m_state, other=0.0).to(COMPUTE) * LOG2E
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + chans[:, None] + zero, mask=m_chan, other=0.0).to(COMPUTE)
+    chans, b, lanes, zero, m_chan, m_state, A2, bias = _program_lanes(A_ptr, bias_ptr, DIM, N, DB, NB, HAS_BIAS,
+                                                                      COMPUTE)
     row = ((b * DIM + chans[:, None]) * H + i) * W  # (DB, 1)
     B_row = Bt_ptr + (b * H + i) * W * N + lanes[None, :] + zero  # (DB, NB)
     carry_rows = carry_ptr + ((b * DIM + chans[:, None]) * (N_RC - 1) * H + i) * NB + lanes[None, :]
@@ -269,16 +280,8 @@ def _fwd_kernel(
     the row pass along the stripe (from the row carry on its left) and the column pass down
     each column; y = sum_n C h is a sum across the lanes."""
     pid_c = tl.program_id(0)
-    chans = tl.program_id(1) * DB + tl.arange(0, DB)  # (DB,)
-    b = tl.program_id(2).to(tl.int64)
-    lanes = tl.arange(0, NB)
-    zero = tl.zeros((DB, NB), tl.int32)
-    m_chan = (chans[:, None] + zero) < DIM  # (DB, NB)
-    m_state = (lanes[None, :] + zero) < N
-    A2 = tl.load(A_ptr + chans[:, None] * N + lanes[None, :], mask=m_chan & m_state, other=0.0).to(COMPUTE) * LOG2E
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + chans[:, None] + zero, mask=m_chan, other=0.0).to(COMPUTE)
+    chans, b, lanes, zero, m_chan, m_state, A2, bias = _program_lanes(A_ptr, bias_ptr, DIM, N, DB, NB, HAS_BIAS,
+                                                                      COMPUTE)
     skip = 0.0
     if HAS_D:
         skip = tl.load(D_ptr + chans[:, None] + zero, mask=m_chan, other=0.0).to(COMPUTE)
@@ -373,16 +376,8 @@ def _col_carry_kernel(
     columns, block of DB channels, batch); each thread walks its (channel, state) up the NB
     columns, q = a (C dy + q), from the bottom row. C is (batch, H, W, N)."""
     pid_g = tl.program_id(0)
-    chans = tl.program_id(1) * DB + tl.arange(0, DB)
-    b = tl.program_id(2).to(tl.int64)
-    lanes = tl.arange(0, NB)
-    zero = tl.zeros((DB, NB), tl.int32)
-    m_chan = (chans[:, None] + zero) < DIM
-    m_state = (lanes[None, :] + zero) < N
-    A2 = tl.load(A_ptr + chans[:, None] * N + lanes[None, :], mask=m_chan & m_state, other=0.0).to(COMPUTE) * LOG2E
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + chans[:, None] + zero, mask=m_chan, other=0.0).to(COMPUTE)
+    chans, b, lanes, zero, m_chan, m_state, A2, bias = _program_lanes(A_ptr, bias_ptr, DIM, N, DB, NB, HAS_BIAS,
+                                                                      COMPUTE)
     plane = (b * DIM + chans[:, None]) * H * W
     col0 = pid_g * NB
     cols = col0 + lanes[None, :] + zero  # (DB, NB) read as positions
@@ -473,17 +468,9 @@ def _bwd_kernel(
     W, N); each row of a tile sums its dB and dC over the program's channels into a (CW, NB)
     tile, added by relaxed atomics (one lane per position and state)."""
     pid_s = tl.program_id(0)
-    chans = tl.program_id(1) * DB + tl.arange(0, DB)
-    b = tl.program_id(2).to(tl.int64)
-    lanes = tl.arange(0, NB)
-    zero = tl.zeros((DB, NB), tl.int32)
-    m_chan = (chans[:, None] + zero) < DIM
-    m_state = (lanes[None, :] + zero) < N
-    A2 = tl.load(A_ptr + chans[:, None] * N + lanes[None, :], mask=m_chan & m_state, other=0.0).to(COMPUTE) * LOG2E
+    chans, b, lanes, zero, m_chan, m_state, A2, bias = _program_lanes(A_ptr, bias_ptr, DIM, N, DB, NB, HAS_BIAS,
+                                                                      COMPUTE)
     A_nat = A2 * LN2
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + chans[:, None] + zero, mask=m_chan, other=0.0).to(COMPUTE)
     skip = 0.0
     if HAS_D:
         skip = tl.load(D_ptr + chans[:, None] + zero, mask=m_chan, other=0.0).to(COMPUTE)
