@@ -26,7 +26,7 @@ _MAX_ENTRIES = 4096
 
 def specialization_key(args, kwargs) -> tuple:
     """What decides which compiled kernel a launch needs (see the module docstring)."""
-    return (tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args),
+    return (tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args]),
             tuple(kwargs.items()))
 
 

@@ -31,10 +31,12 @@ def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
+@functools.cache
 def interpreter_active() -> bool:
     """Whether Triton runs kernels in its CPU interpreter in this process. Triton reads
     TRITON_INTERPRET when it defines a kernel, its own library included, so the first import
-    of triton.language fixes the mode for the whole process."""
+    of triton.language (which this call makes) fixes the mode for the whole process: the
+    answer is kept."""
     import triton.language.standard as standard
     from triton.runtime.interpreter import InterpretedFunction
 

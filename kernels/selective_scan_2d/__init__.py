@@ -85,9 +85,10 @@ def selective_scan_2d(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     Gradients reach every tensor input.
     """
     name = resolve_backend_2d(backend, u)
-    log.debug("selective_scan_2d: backend=%s%s device=%s dtype=%s shape=%s N=%d", name,
-              " (interpreter)" if name == "triton" and interpreter_active() else "", u.device, u.dtype,
-              tuple(u.shape), A.shape[-1])
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("selective_scan_2d: backend=%s%s device=%s dtype=%s shape=%s N=%d", name,
+                  " (interpreter)" if name == "triton" and interpreter_active() else "", u.device, u.dtype,
+                  tuple(u.shape), A.shape[-1])
     if name == "reference":
         return selective_scan_2d_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                      delta_softplus=delta_softplus)

@@ -17,6 +17,7 @@ on the first call of the Triton backend, once per mode (see __init__.py).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,8 @@ class TileConfig:
     forward walks down stripes of fwd_cols columns (a multiple of carry_cols; at least the
     padded state count) with its registers capped at fwd_maxnreg per thread (None: no cap).
     Programs hold as many channels as fill a warp's lanes with their states, times bwd_warps in
-    the backward; bwd_maxnreg caps the backward's registers (None: no cap).
+    the backward; bwd_maxnreg caps the backward tile kernel's registers and carry_maxnreg the
+    column adjoint kernel's (None: no cap).
 
     Measured on an H100 (README.md beside this file): the forward's 16-column stripes capped at
     128 registers beat 32-column ones and no cap; the backward's 8 x 4 tiles of one warp beat
@@ -53,6 +55,7 @@ class TileConfig:
     fwd_maxnreg: int | None = 128
     bwd_warps: int = 1
     bwd_maxnreg: int | None = None
+    carry_maxnreg: int | None = 128
 
     def check(self) -> None:
         for name in ("CW", "CH", "carry_cols", "fwd_cols", "bwd_warps"):
@@ -64,7 +67,7 @@ class TileConfig:
         if self.fwd_cols % self.carry_cols:
             raise ValueError(f"TileConfig: fwd_cols ({self.fwd_cols}) must be a multiple of carry_cols "
                              f"({self.carry_cols})")
-        for name in ("fwd_maxnreg", "bwd_maxnreg"):
+        for name in ("fwd_maxnreg", "bwd_maxnreg", "carry_maxnreg"):
             value = getattr(self, name)
             if value is not None and not 32 <= value <= 255:
                 raise ValueError(f"TileConfig.{name}={value} must be None (no cap) or a register count per thread "
@@ -514,10 +517,11 @@ def _bwd_kernel(
         # g at column j0 - 1 of each row: the row carry before this tile's block of RC columns,
         # taken by the row pass across the block's tiles left of this one
         blk = j0 // RC
+        m_carry = m_chan & (zero + blk > 0)
         g_left = ()
         for i in tl.static_range(CH):
-            m_g = m_chan & ((zero + row0 + i) < H) & (zero + blk > 0)
-            g_left = g_left + (tl.load(row_carry_rows + ((blk - 1) * H + row0 + i) * NB, mask=m_g,
+            m_row = (zero + row0 + i) < H
+            g_left = g_left + (tl.load(row_carry_rows + ((blk - 1) * H + row0 + i) * NB, mask=m_carry & m_row,
                                        other=0.0).to(COMPUTE),)
         for t in range(0, (j0 % RC) // CW):
             jt = blk * RC + t * CW
@@ -694,8 +698,13 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
         raise ValueError(f"selective_scan_2d: all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _padded_states(n_state: int) -> int:
-    return max(triton.next_power_of_2(n_state), 2)
+    """N rounded up to a power of two, at least 2."""
+    return max(1 << (n_state - 1).bit_length(), 2)
 
 
 def _lane_tiles(n_padded: int, compute: torch.dtype, warps: int = 1) -> tuple[int, int, bool]:
@@ -709,6 +718,51 @@ def _lane_tiles(n_padded: int, compute: torch.dtype, warps: int = 1) -> tuple[in
     return channels, num_warps, fast
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What the launches of one shape and set of options need besides the tensors, worked out
+    once per shape (``_plan``): a call at a shape seen before spends no host time on it."""
+
+    NP: int  # padded states
+    n_rc: int  # column blocks of carry_cols (row carries stored at the first n_rc - 1 ends)
+    n_ch: int  # row stripes of CH (column checkpoints at the first n_ch - 1 ends)
+    n_cw: int  # tile columns of CW
+    fwd_channels: int
+    stripe: int  # columns of one forward program
+    fwd_flags: dict  # constexprs and options shared by the forward's two kernels
+    bwd_channels: int
+    bwd_flags: dict  # those shared by the backward's two kernels
+    bwd_options: dict  # the backward tile kernel's own launch options
+    carry_options: dict  # the column adjoint kernel's
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(height: int, width: int, n_state: int, compute: torch.dtype, has_bias: bool, softplus: bool,
+          has_z: bool, cfg: TileConfig) -> _Plan:
+    cfg.check()
+    NP = _padded_states(n_state)
+    fwd_channels, fwd_warps, fast = _lane_tiles(NP, compute)
+    common = dict(HAS_BIAS=has_bias, SOFTPLUS=softplus, FAST=fast, COMPUTE=_tl_dtype(compute))
+    fwd_flags = dict(common, num_warps=fwd_warps)
+    if cfg.fwd_maxnreg is not None and not INTERPRETED:
+        fwd_flags["maxnreg"] = cfg.fwd_maxnreg
+    bwd_channels, bwd_warps, _ = _lane_tiles(NP, compute, cfg.bwd_warps)
+    bwd_options = dict(maxnreg=cfg.bwd_maxnreg) if cfg.bwd_maxnreg is not None and not INTERPRETED else {}
+    carry_options = dict(maxnreg=cfg.carry_maxnreg) if cfg.carry_maxnreg is not None and not INTERPRETED else {}
+    return _Plan(NP=NP, n_rc=_cdiv(width, cfg.carry_cols), n_ch=_cdiv(height, cfg.CH), n_cw=_cdiv(width, cfg.CW),
+                 fwd_channels=fwd_channels,
+                 stripe=max(cfg.fwd_cols, NP),  # whole groups of NP columns, whole blocks of carry_cols
+                 fwd_flags=fwd_flags, bwd_channels=bwd_channels,
+                 bwd_flags=dict(common, HAS_Z=has_z, num_warps=bwd_warps), bwd_options=bwd_options,
+                 carry_options=carry_options)
+
+
+@functools.lru_cache(maxsize=16)
+def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element tensor passed for an absent input or output, which the kernels never touch."""
+    return torch.empty(1, device=device, dtype=dtype)
+
+
 def _states_last(t: torch.Tensor) -> torch.Tensor:
     """(batch, N, H, W) -> a (batch, H, W, N) copy: a position's states contiguous."""
     return t.permute(0, 2, 3, 1).contiguous()
@@ -717,58 +771,44 @@ def _states_last(t: torch.Tensor) -> torch.Tensor:
 def _launch_forward(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus, save_ckpt, cfg):
     batch, dim, height, width = u.shape
     n_state = A.shape[1]
-    NP = _padded_states(n_state)
     compute = _compute_dtype(u)
-    n_rc = triton.cdiv(width, cfg.carry_cols)
-    n_ch = triton.cdiv(height, cfg.CH)
-    dummy = torch.empty(1, device=u.device, dtype=compute)
+    plan = _plan(height, width, n_state, compute, delta_bias is not None, delta_softplus, z is not None, cfg)
+    NP, n_rc, n_ch, channels = plan.NP, plan.n_rc, plan.n_ch, plan.fwd_channels
+    dummy = _dummy(u.device, compute)
     row_carry = (torch.empty(batch, dim, n_rc - 1, height, NP, device=u.device, dtype=compute)
                  if n_rc > 1 else dummy)
-    ckpt = (torch.empty(batch, dim, n_ch - 1, width, NP, device=u.device, dtype=compute)
-            if save_ckpt and n_ch > 1 else dummy)
-    channels, warps, fast = _lane_tiles(NP, compute)
-    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), FAST=fast,
-                 COMPUTE=_tl_dtype(compute), num_warps=warps)
-    if cfg.fwd_maxnreg is not None and not INTERPRETED:
-        flags["maxnreg"] = cfg.fwd_maxnreg
+    save_ckpt = save_ckpt and n_ch > 1
+    ckpt = torch.empty(batch, dim, n_ch - 1, width, NP, device=u.device, dtype=compute) if save_ckpt else dummy
     bias_arg = delta_bias if delta_bias is not None else dummy
     if n_rc > 1:
-        grid = (height, triton.cdiv(dim, channels), batch)
-        launcher(_row_carry_kernel)[grid](
+        launcher(_row_carry_kernel)[(height, _cdiv(dim, channels), batch)](
             delta, bias_arg, u, Bt, A, row_carry, height, width, dim, n_state, n_rc,
-            DB=channels, NB=NP, RC=cfg.carry_cols, **flags)
+            DB=channels, NB=NP, RC=cfg.carry_cols, **plan.fwd_flags)
     y = torch.empty(u.shape, device=u.device, dtype=u.dtype)
-    stripe = max(cfg.fwd_cols, NP)  # whole groups of NP columns, whole blocks of carry_cols
-    grid = (triton.cdiv(width, stripe), triton.cdiv(dim, channels), batch)
-    launcher(_fwd_kernel)[grid](
+    launcher(_fwd_kernel)[(_cdiv(width, plan.stripe), _cdiv(dim, channels), batch)](
         delta, bias_arg, u, z if z is not None else dummy, Bt, Ct, A, D if D is not None else dummy,
         row_carry, ckpt, y, height, width, dim, n_state, n_rc, n_ch,
-        DB=channels, NB=NP, TW=stripe, RC=cfg.carry_cols, CH=cfg.CH,
-        HAS_Z=z is not None, HAS_D=D is not None, STORE_CKPT=bool(save_ckpt and n_ch > 1), **flags)
+        DB=channels, NB=NP, TW=plan.stripe, RC=cfg.carry_cols, CH=cfg.CH,
+        HAS_Z=z is not None, HAS_D=D is not None, STORE_CKPT=save_ckpt, **plan.fwd_flags)
     return y, row_carry, ckpt
 
 
 def _launch_backward(dout, u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus, row_carry, ckpt, cfg):
     batch, dim, height, width = u.shape
     n_state = A.shape[1]
-    NP = _padded_states(n_state)
     compute = _compute_dtype(u)
-    n_cw = triton.cdiv(width, cfg.CW)
-    n_ch = triton.cdiv(height, cfg.CH)
+    plan = _plan(height, width, n_state, compute, delta_bias is not None, delta_softplus, z is not None, cfg)
+    NP, n_ch, channels = plan.NP, plan.n_ch, plan.bwd_channels
     dev = u.device
-    dummy = torch.empty(1, device=dev, dtype=compute)
-    channels, warps, fast = _lane_tiles(NP, compute, cfg.bwd_warps)
-    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), HAS_Z=z is not None, FAST=fast,
-                 COMPUTE=_tl_dtype(compute), num_warps=warps)
+    dummy = _dummy(dev, compute)
     bias_arg = delta_bias if delta_bias is not None else dummy
     z_arg = z if z is not None else dummy
     col_carry = (torch.empty(batch, dim, n_ch - 1, width, NP, device=dev, dtype=compute)
                  if n_ch > 1 else dummy)
     if n_ch > 1:
-        grid = (triton.cdiv(width, NP), triton.cdiv(dim, channels), batch)
-        launcher(_col_carry_kernel)[grid](
+        launcher(_col_carry_kernel)[(_cdiv(width, NP), _cdiv(dim, channels), batch)](
             delta, bias_arg, z_arg, dout, Ct, A, col_carry, height, width, dim, n_state, n_ch,
-            DB=channels, NB=NP, CH=cfg.CH, **flags)
+            DB=channels, NB=NP, CH=cfg.CH, **plan.bwd_flags, **plan.carry_options)
     ddelta = torch.empty(delta.shape, device=dev, dtype=delta.dtype)
     du = torch.empty(u.shape, device=dev, dtype=u.dtype)
     dz = torch.empty(z.shape, device=dev, dtype=z.dtype) if z is not None else dummy
@@ -779,15 +819,13 @@ def _launch_backward(dout, u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus
     dA_part = torch.empty(batch, n_ch, dim, NP, device=dev, dtype=compute)
     dD_part = torch.empty(batch, n_ch, dim, device=dev, dtype=compute)
     dbias_part = torch.empty(batch, n_ch, dim, device=dev, dtype=compute)
-    grid = (n_ch, triton.cdiv(dim, channels), batch)
-    options = dict(maxnreg=cfg.bwd_maxnreg) if cfg.bwd_maxnreg is not None and not INTERPRETED else {}
-    launcher(_bwd_kernel)[grid](
+    launcher(_bwd_kernel)[(n_ch, _cdiv(dim, channels), batch)](
         delta, bias_arg, u, z_arg, dout, Bt, Ct, A, D if D is not None else dummy,
         row_carry, ckpt, col_carry,
         ddelta, du, dz, dBt[0], dBt[1], dA_part, dD_part, dbias_part,
-        height, width, dim, n_state, n_cw, triton.cdiv(width, cfg.carry_cols), n_ch,
+        height, width, dim, n_state, plan.n_cw, plan.n_rc, n_ch,
         DB=channels, NB=NP, CH=cfg.CH, CW=cfg.CW, RC=cfg.carry_cols, SG=min(SUM_GROUP, NP), HAS_D=D is not None,
-        **flags, **options)
+        **plan.bwd_flags, **plan.bwd_options)
     dA = dA_part.sum(dim=(0, 1))[:, :n_state].to(A.dtype)
     dD = dD_part.sum(dim=(0, 1)).to(D.dtype) if D is not None else None
     dbias = dbias_part.sum(dim=(0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
@@ -828,7 +866,13 @@ def selective_scan_2d_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     D = D.contiguous() if D is not None else None
     z = z.contiguous() if z is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-    return SelectiveScan2DFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), cfg)
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return SelectiveScan2DFn.apply(*inputs, bool(delta_softplus), cfg)
+    # nothing to differentiate (inference): the forward kernels without autograd's bookkeeping
+    y, _, _ = _launch_forward(u, delta, A, _states_last(B), _states_last(C), D, z, delta_bias, bool(delta_softplus),
+                              False, cfg)
+    return y
 
 
 # True when this copy of the module was loaded under TRITON_INTERPRET=1 (the CPU interpreter)

@@ -275,6 +275,22 @@ def test_triton_bfloat16_matches_loop(poison_empty):
 
 @needs_interpreter
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_triton_inference_forward_matches_loop(poison_empty, reverse):
+    """Under no_grad the kernels run without autograd and without the backward's segment
+    states; y and the last state are the same scan."""
+    inputs = make_inputs(2, 4, 37, 3, groups=2, z=True, D=True, bias=True, h0=True, seed=9)
+    y64, last64 = scan_loop(**inputs, delta_softplus=True, reverse=reverse)
+    params = {n: (t.clone().requires_grad_(True) if t is not None else None) for n, t in inputs.items()}
+    with torch.no_grad():
+        y, last = triton_fn(small_config(block_t=2, bwd_block_t=2, max_sub=3))(**params, delta_softplus=True,
+                                                                             reverse=reverse)
+    assert y.grad_fn is None and last.grad_fn is None
+    assert_close_named({"y": y, "last_state": last}, {"y": y64, "last_state": last64},
+                       TOL_FP32, "triton inference vs float64 loop")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_triton_carried_state_equals_one_pass(poison_empty, reverse):
     """Two calls with the state carried (the second starts from the first's last state) give the
     one-pass outputs and, through the carried state, the one-pass gradients."""

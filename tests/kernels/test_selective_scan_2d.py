@@ -198,6 +198,23 @@ def test_triton_matches_loop(poison_empty, batch, dim, height, width, n_state, f
 
 
 @needs_interpreter
+@pytest.mark.parametrize("config", ["small", "default"])
+def test_inference_forward_matches_loop(poison_empty, config):
+    """Under no_grad (or with no input needing a gradient) the forward kernels run without
+    autograd and without storing checkpoints; y is the same scan."""
+    inputs = make_inputs(1, 3, 6, 9, 3, seed=21)
+    expected = scan_loop_2d(**inputs, delta_softplus=True)
+    cfg = small_configs()[config]
+    params = {n: (t.clone().requires_grad_(True) if t is not None else None) for n, t in inputs.items()}
+    with torch.no_grad():
+        y = _tiled().selective_scan_2d_triton(**params, delta_softplus=True, config=cfg)
+    assert y.grad_fn is None and not y.requires_grad
+    assert_close_named({"y": y}, {"y": expected}, TOL_FP32, "triton inference forward vs float64 loop")
+    y = _tiled().selective_scan_2d_triton(**inputs, delta_softplus=True, config=cfg)
+    assert_close_named({"y": y}, {"y": expected}, TOL_FP32, "triton forward of constants vs float64 loop")
+
+
+@needs_interpreter
 def test_one_row_and_one_column_grids_equal_the_1d_scan(poison_empty):
     """H = 1: the column pass adds nothing and the scan is the 1D scan along W; W = 1: the row
     pass only forms x and the column pass is the 1D scan along H."""
@@ -263,7 +280,8 @@ def test_triton_rejects_mismatched_shapes():
     (dict(fwd_maxnreg=300), "fwd_maxnreg=300 must be None"),
     (dict(bwd_maxnreg=16), "bwd_maxnreg=16 must be None"),
     (dict(bwd_warps=3), "bwd_warps=3 must be a power of two"),
-], ids=["stripe", "carry-vs-tile", "stripe-vs-carry", "cap-low", "cap-high", "bwd-cap", "bwd-warps"])
+    (dict(carry_maxnreg=20), "carry_maxnreg=20 must be None"),
+], ids=["stripe", "carry-vs-tile", "stripe-vs-carry", "cap-low", "cap-high", "bwd-cap", "bwd-warps", "carry-cap"])
 def test_tile_config_rejects_bad_values(fields, message):
     inputs = make_inputs(1, 2, 3, 4, 2)
     cfg = _tiled().TileConfig(**fields)

@@ -101,6 +101,13 @@ def test_triton_matches_reference_float32(poison_empty, batch, dim, length, n_st
     for launch in ("first call", "second call"):
         got = run("triton", inputs, reverse)
         assert_close_named(got, expected, TOL[torch.float32], f"triton float32 ({launch}) vs float64 reference")
+    # inference (no gradient needed): the kernels without segment states or autograd
+    with torch.no_grad():
+        y, last = selective_scan(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], D=inputs["D"],
+                                 z=inputs["z"], delta_bias=inputs["delta_bias"], delta_softplus=True,
+                                 reverse=reverse, initial_state=inputs["initial_state"], return_last_state=True)
+    assert_close_named({"y": y, "last_state": last}, {k: expected[k] for k in ("y", "last_state")},
+                       TOL[torch.float32], "triton float32 inference vs float64 reference")
 
 
 CONFIG_CHANGES = {
