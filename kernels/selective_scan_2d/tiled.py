@@ -741,7 +741,6 @@ class _Plan:
 @functools.lru_cache(maxsize=256)
 def _plan(height: int, width: int, n_state: int, compute: torch.dtype, has_bias: bool, softplus: bool,
           has_z: bool, cfg: TileConfig) -> _Plan:
-    cfg.check()
     NP = _padded_states(n_state)
     fwd_channels, fwd_warps, fast = _lane_tiles(NP, compute)
     common = dict(HAS_BIAS=has_bias, SOFTPLUS=softplus, FAST=fast, COMPUTE=_tl_dtype(compute))
