@@ -38,6 +38,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from mambapath.kernels.launch import launcher
+from mambapath.kernels.selective_scan.host import kernel_inputs, last_state, needs_autograd, unit_stride
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -984,47 +985,26 @@ def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, seg, dsum, delt
 # autograd
 
 
-def _unit_stride(t):
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
 def _scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse, config, need_last,
                   save_segments):
-    """The forward on inputs laid out for the kernels: (kernel inputs, out, last state or None,
+    """The forward on inputs laid out for the kernels: (KernelInputs, out, last state or None,
     delta sums, segment states or None, plan)."""
-    squeeze_B, squeeze_C = B.dim() == 3, C.dim() == 3
-    B4 = _unit_stride(B.unsqueeze(1) if squeeze_B else B)
-    C4 = _unit_stride(C.unsqueeze(1) if squeeze_C else C)
-    if B4.stride() != C4.stride():
-        # the kernels address B and C with one set of strides
-        B4, C4 = B4.contiguous(), C4.contiguous()
-    u_c, delta_c, z_c = _unit_stride(u), _unit_stride(delta), _unit_stride(z)
-    A_c = A.float().contiguous()
-    D_c = D.float().contiguous() if D is not None else None
-    bias_c = delta_bias.float().contiguous() if delta_bias is not None else None
-    h0 = initial_state.float().contiguous() if initial_state is not None else None
-    out, hend, dsum, seg, plan = scan_fwd(u_c, delta_c, A_c, B4, C4, D_c, z_c, bias_c, h0, delta_softplus,
-                                          reverse, config, save_segments=save_segments)
-    if not need_last:
-        last = None
-    elif u.shape[-1] == 0:
-        last = h0.clone() if h0 is not None else torch.zeros(u.shape[0], u.shape[1], A.shape[1],
-                                                             dtype=torch.float32, device=u.device)
-    else:
-        last = hend[:, -1].clone()
-    return (u_c, delta_c, A_c, B4, C4, D_c, z_c, bias_c), out, last, dsum, seg, plan
+    x = kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, same_bc_strides=True)
+    out, hend, dsum, seg, plan = scan_fwd(x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias, x.initial_state,
+                                          delta_softplus, reverse, config, save_segments=save_segments)
+    return x, out, last_state(hend, x, A.shape[1]) if need_last else None, dsum, seg, plan
 
 
 class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse, config,
                 need_last):
-        prepared, out, last, dsum, seg, plan = _scan_forward(
+        x, out, last, dsum, seg, plan = _scan_forward(
             u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse, config, need_last,
             save_segments=any(ctx.needs_input_grad))
-        ctx.save_for_backward(*prepared, seg, dsum)
+        ctx.save_for_backward(x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias, seg, dsum)
         ctx.set_materialize_grads(False)
-        ctx.meta = (delta_softplus, reverse, config, plan, B.dim() == 3, C.dim() == 3,
+        ctx.meta = (delta_softplus, reverse, config, plan, x.squeeze_B, x.squeeze_C,
                     B.dtype, C.dtype, A.dtype, None if D is None else D.dtype,
                     None if delta_bias is None else delta_bias.dtype,
                     None if initial_state is None else initial_state.dtype)
@@ -1035,7 +1015,7 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B4, C4, D, z, bias, seg, dsum = ctx.saved_tensors
         (delta_softplus, reverse, config, plan, squeeze_B, squeeze_C,
          B_dtype, C_dtype, A_dtype, D_dtype, bias_dtype, h0_dtype) = ctx.meta
-        dout = torch.zeros_like(u) if dout is None else _unit_stride(dout)
+        dout = torch.zeros_like(u) if dout is None else unit_stride(dout)
         dlast = dlast.float().contiguous() if dlast is not None else None
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = scan_bwd(
             dout, dlast, u, delta, A, B4, C4, D, z, bias, seg, dsum, delta_softplus, reverse, config, plan,
@@ -1059,7 +1039,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     if config is None:
         config = default_config(A.shape[1], INTERPRETED)
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+    if needs_autograd(inputs):
         out, last = SelectiveScanFn.apply(*inputs, delta_softplus, reverse, config, return_last_state)
     else:
         # nothing to differentiate (inference): the kernels without autograd's bookkeeping

@@ -36,6 +36,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from mambapath.kernels.launch import launcher
+from mambapath.kernels.selective_scan.host import kernel_inputs, last_state, needs_autograd, unit_stride
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -670,9 +671,9 @@ def _launch_carry(dsum, states, A, init, plan: _Plan, config: ScanConfig, revers
 
 
 def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, initial_state, hend, dsum,
-             delta_softplus, reverse, config, plan: _Plan):
-    """Gradients for u, delta, A, B4, C4, D, z, delta_bias and initial_state (float32 for A,
-    D, delta_bias, initial_state; the inputs' dtypes otherwise)."""
+             delta_softplus, reverse, config, plan: _Plan, need_dh0=True):
+    """Gradients for u, delta, A, B4, C4, D, z, delta_bias and, with need_dh0, initial_state
+    (None without; float32 for A, D, delta_bias, initial_state; the inputs' dtypes otherwise)."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
     groups = B4.shape[1]
@@ -688,7 +689,9 @@ def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, initial_state, 
     # adjoint at each chunk's start: first from a zero right carry, then, in place, the true one
     gcarry = torch.empty(batch, plan.n_chunks, dim, n_state, **f32)
     if length == 0:
-        dh0 = torch.zeros(batch, dim, n_state, **f32) if dlast is None else dlast.float().clone()
+        dh0 = None
+        if need_dh0:
+            dh0 = torch.zeros(batch, dim, n_state, **f32) if dlast is None else dlast.float().clone()
         return du, ddelta, dA, dB, dC, dD, dz, ddbias, dh0
     flags = dict(HAS_DBIAS=delta_bias is not None, SOFTPLUS=delta_softplus, REVERSE=reverse)
     grid = (plan.n_chunks, plan.n_dblocks, batch)
@@ -718,7 +721,8 @@ def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, initial_state, 
         dzz.stride(0), dzz.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None, HAS_DLAST=dlast is not None,
         BD=plan.block_d, BN=plan.block_n, BT=plan.block_t, num_warps=config.bwd_num_warps, **flags)
-    dh0 = gcarry[:, 0].clone()  # the adjoint that leaves the first chunk: d loss / d initial_state
+    # the adjoint that leaves the first chunk: d loss / d initial_state
+    dh0 = gcarry[:, 0].clone() if need_dh0 else None
     return du, ddelta, dA, dB, dC, dD, dz, ddbias, dh0
 
 
@@ -726,31 +730,24 @@ def scan_bwd(dout, dlast, u, delta, A, B4, C4, D, z, delta_bias, initial_state, 
 # autograd
 
 
-def _unit_stride(t):
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse, config, need_last):
+    """The forward on inputs laid out for the kernels: (KernelInputs, out, last state or None,
+    chunk end states, delta sums, plan)."""
+    x = kernel_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, same_bc_strides=False)
+    out, hend, dsum, plan = scan_fwd(x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias, x.initial_state,
+                                     delta_softplus, reverse, config)
+    return x, out, last_state(hend, x, A.shape[1]) if need_last else None, hend, dsum, plan
 
 
 class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse, config):
-        squeeze_B, squeeze_C = B.dim() == 3, C.dim() == 3
-        B4 = _unit_stride(B.unsqueeze(1) if squeeze_B else B)
-        C4 = _unit_stride(C.unsqueeze(1) if squeeze_C else C)
-        u_c, delta_c, z_c = _unit_stride(u), _unit_stride(delta), _unit_stride(z)
-        A_c = A.float().contiguous()
-        D_c = D.float().contiguous() if D is not None else None
-        bias_c = delta_bias.float().contiguous() if delta_bias is not None else None
-        h0 = initial_state.float().contiguous() if initial_state is not None else None
-        out, hend, dsum, plan = scan_fwd(u_c, delta_c, A_c, B4, C4, D_c, z_c, bias_c, h0, delta_softplus,
-                                         reverse, config)
-        if u.shape[-1] == 0:
-            last = h0.clone() if h0 is not None else torch.zeros(u.shape[0], u.shape[1], A.shape[1],
-                                                                 dtype=torch.float32, device=u.device)
-        else:
-            last = hend[:, -1].clone()
-        ctx.save_for_backward(u_c, delta_c, A_c, B4, C4, D_c, z_c, bias_c, h0, hend, dsum)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, reverse, config,
+                need_last):
+        x, out, last, hend, dsum, plan = _scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                                       delta_softplus, reverse, config, need_last)
+        ctx.save_for_backward(x.u, x.delta, x.A, x.B, x.C, x.D, x.z, x.delta_bias, x.initial_state, hend, dsum)
         ctx.set_materialize_grads(False)
-        ctx.meta = (delta_softplus, reverse, config, plan, squeeze_B, squeeze_C,
+        ctx.meta = (delta_softplus, reverse, config, plan, x.squeeze_B, x.squeeze_C,
                     B.dtype, C.dtype, A.dtype, None if D is None else D.dtype,
                     None if delta_bias is None else delta_bias.dtype,
                     None if initial_state is None else initial_state.dtype)
@@ -761,17 +758,18 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B4, C4, D, z, bias, h0, hend, dsum = ctx.saved_tensors
         (delta_softplus, reverse, config, plan, squeeze_B, squeeze_C,
          B_dtype, C_dtype, A_dtype, D_dtype, bias_dtype, h0_dtype) = ctx.meta
-        dout = torch.zeros_like(u) if dout is None else _unit_stride(dout)
+        dout = torch.zeros_like(u) if dout is None else unit_stride(dout)
         dlast = dlast.float().contiguous() if dlast is not None else None
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = scan_bwd(
-            dout, dlast, u, delta, A, B4, C4, D, z, bias, h0, hend, dsum, delta_softplus, reverse, config, plan)
+            dout, dlast, u, delta, A, B4, C4, D, z, bias, h0, hend, dsum, delta_softplus, reverse, config, plan,
+            need_dh0=ctx.needs_input_grad[8])
         dB = dB.to(B_dtype)
         dC = dC.to(C_dtype)
         return (du, ddelta, dA.to(A_dtype), dB.squeeze(1) if squeeze_B else dB, dC.squeeze(1) if squeeze_C else dC,
                 dD.to(D_dtype) if dD is not None else None, dz,
                 dbias.to(bias_dtype) if dbias is not None else None,
-                dh0.to(h0_dtype) if h0 is not None else None,
-                None, None, None)
+                dh0.to(h0_dtype) if dh0 is not None else None,
+                None, None, None, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -780,8 +778,12 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     ``config`` overrides the tile sizes (a ScanConfig)."""
     if config is None:
         config = default_config(A.shape[1], INTERPRETED)
-    out, last = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
-                                      reverse, config)
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if needs_autograd(inputs):
+        out, last = SelectiveScanFn.apply(*inputs, delta_softplus, reverse, config, return_last_state)
+    else:
+        # nothing to differentiate (inference): the kernels without autograd's bookkeeping
+        _, out, last, _, _, _ = _scan_forward(*inputs, delta_softplus, reverse, config, return_last_state)
     return (out, last) if return_last_state else out
 
 

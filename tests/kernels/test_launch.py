@@ -83,3 +83,21 @@ def test_every_parameter_must_be_passed():
     assert out.isnan().all()
     Launcher(_fill_kernel)[(1,)](out, 3.0, 16, TWICE=True)  # positional constexprs are fine
     assert (out == 6.0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tensor_off_the_gpu_goes_through_triton():
+    """The kept kernel gets addresses, unchecked; a tensor in host memory with a kept kernel's
+    specialisation must still reach Triton's launch, which refuses it, and nothing is written."""
+    run = Launcher(_axpy_kernel)
+    x, y = torch.ones(64, device="cuda"), torch.ones(64, device="cuda")
+    out = torch.full_like(x, float("nan"))
+    for _ in range(2):
+        run[(1,)](x, y, out, 64, 1.0, BLOCK=64, SQUARE=False)
+    assert len(run.compiled) == 1 and (out == 2.0).all()
+    host_out = torch.full((64,), float("nan"))
+    with pytest.raises(ValueError, match="cannot be accessed from Triton"):
+        run[(1,)](x, y, host_out, 64, 1.0, BLOCK=64, SQUARE=False)
+    torch.cuda.synchronize()
+    assert host_out.isnan().all() and len(run.compiled) == 1

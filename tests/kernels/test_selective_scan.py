@@ -249,10 +249,11 @@ def test_scan_config_refuses_empty_segments():
 
 
 @needs_interpreter
-def test_triton_many_states_matches_loop(poison_empty):
+@pytest.mark.parametrize("h0", [True, False], ids=["h0", "no-h0"])
+def test_triton_many_states_matches_loop(poison_empty, h0):
     """N > 16 runs chunk_many_states.py (the states over the warps)."""
     assert uses_many_states(20) and not uses_many_states(16)
-    inputs = make_inputs(1, 4, 21, 20, z=True, D=True, bias=True, h0=True, seed=8)
+    inputs = make_inputs(1, 4, 21, 20, z=True, D=True, bias=True, h0=h0, seed=8)
     expected = ground_truth(inputs, True, True)
 
     def run(u, delta, A, B, C, **kw):
@@ -261,6 +262,24 @@ def test_triton_many_states_matches_loop(poison_empty):
 
     got = run_with_grads(run, dict(zip(INPUT_NAMES, leaves([inputs[n] for n in INPUT_NAMES]))), True, True)
     assert_close_named(got, expected, TOL_FP32, "triton (many states, interpreter) vs float64 loop")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_triton_many_states_inference_matches_loop(poison_empty, reverse):
+    """N > 16 under no_grad: no autograd, y and the last state of the same scan; without
+    return_last_state the state is not handed back."""
+    inputs = make_inputs(1, 4, 21, 20, z=True, D=True, bias=True, h0=True, seed=12)
+    y64, last64 = scan_loop(**inputs, delta_softplus=True, reverse=reverse)
+    params = {n: (t.clone().requires_grad_(True) if t is not None else None) for n, t in inputs.items()}
+    run = triton_module(True, many_states=True).selective_scan_triton
+    with torch.no_grad():
+        y, last = run(**params, delta_softplus=True, reverse=reverse, return_last_state=True)
+        y_only = run(**params, delta_softplus=True, reverse=reverse)
+    assert y.grad_fn is None and last.grad_fn is None and isinstance(y_only, torch.Tensor)
+    assert_close_named({"y": y, "last_state": last}, {"y": y64, "last_state": last64}, TOL_FP32,
+                       "triton (many states) inference vs float64 loop")
+    assert_close_named({"y": y_only}, {"y": y64}, TOL_FP32, "without the last state")
 
 
 @needs_interpreter
