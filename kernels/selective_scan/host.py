@@ -1,6 +1,7 @@
 """Host-side steps shared by chunk.py and chunk_many_states.py: the inputs laid out for the
-kernels, whether a call needs autograd, and the last state handed back. Plain PyTorch, no
-Triton, so both kernel files use it in either mode (compiled or interpreted)."""
+kernels, whether a call needs autograd (the 2D scan's tiled.py asks too), and the last state
+handed back. Plain PyTorch, no Triton, so the kernel files use it in either mode (compiled or
+interpreted)."""
 
 from __future__ import annotations
 

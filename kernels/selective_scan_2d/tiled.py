@@ -26,6 +26,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from mambapath.kernels.launch import launcher
+from mambapath.kernels.selective_scan.host import needs_autograd
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -868,7 +869,7 @@ def selective_scan_2d_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     z = z.contiguous() if z is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     inputs = (u, delta, A, B, C, D, z, delta_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+    if needs_autograd(inputs):
         return SelectiveScan2DFn.apply(*inputs, bool(delta_softplus), cfg)
     # nothing to differentiate (inference): the forward kernels without autograd's bookkeeping
     y, _, _ = _launch_forward(u, delta, A, _states_last(B), _states_last(C), D, z, delta_bias, bool(delta_softplus),
