@@ -36,8 +36,8 @@ def candidates(module, n_state):
     change = dataclasses.replace
     return {
         "default": base,
-        "fwd-no-cap": change(base, maxnreg=None),
-        "fwd-nreg128": change(base, maxnreg=128),
+        "fwd-no-cap": change(base, maxnreg=None, out_maxnreg=None),
+        "fwd-nreg128": change(base, maxnreg=128, out_maxnreg=128),
         "fwd-pps24": change(base, programs_per_sm=24),
         "fwd-prefetch": change(base, prefetch_state=True, prefetch_out=True),
         "bwd-d16": change(base, bwd_block_d=16),
@@ -48,6 +48,10 @@ def candidates(module, n_state):
         "carry-d2": change(base, carry_block_d=2, carry_num_warps=2),
         "seg2": change(base, seg_factor=2),
         "seg4": change(base, seg_factor=4),
+        "out-t2": change(base, out_block_t=2),
+        "out-t2-no-cap": change(base, out_block_t=2, out_maxnreg=None),
+        "out-t2-nreg184": change(base, out_block_t=2, out_maxnreg=184),
+        "out-no-cap": change(base, out_maxnreg=None),
     }
 
 

@@ -47,8 +47,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 @dataclass(frozen=True)
 class ScanConfig:
     """Tile sizes. A program owns block_d channels (32 * num_warps puts each on its own thread,
-    with all its states) and steps block_t positions (2 or 4) at a time; the backward has its
-    own bwd_block_d, bwd_block_t and bwd_num_warps. A chunk is at most max_sub sub-tiles of the
+    with all its states) and steps block_t positions (2 or 4) at a time, out_block_t in the
+    forward's output pass (None: block_t); the backward has its own bwd_block_d, bwd_block_t and
+    bwd_num_warps. A chunk is at most max_sub sub-tiles of the
     forward, at least min_chunk positions (short sequences: fewer, longer chunks cost less than
     many carries), and otherwise short enough to give programs_per_sm forward programs per
     multiprocessor; the backward runs bwd_programs_per_sm persistent programs per
@@ -57,14 +58,16 @@ class ScanConfig:
     warp's channels with a transposing exchange of lanes (compiled kernels only) instead of one
     reduction per value. prefetch_state and prefetch_out load the next sub-tile's inputs
     before the current one is worked on, in the forward's chunk-state and output passes.
-    maxnreg and bwd_maxnreg cap the registers per thread of the chunk kernels (forward and
-    adjoint) and of the backward kernel: more warps per multiprocessor, at the price of spills.
+    maxnreg, out_maxnreg and bwd_maxnreg cap the registers per thread of the forward's
+    chunk-state pass and the adjoint kernel, of the forward's output pass, and of the gradient
+    kernel: more warps per multiprocessor, at the price of spills.
     When a gradient is needed the forward saves the state entering every segment of about
     seg_factor * sqrt(backward sub-tiles per chunk) sub-tiles; the backward recomputes a
     segment's sub-tile start states into its scratch (seg_factor * sqrt of them)."""
 
     block_d: int = 32
     block_t: int = 4
+    out_block_t: int | None = None
     num_warps: int = 1
     bwd_block_d: int = 32
     bwd_block_t: int = 2
@@ -80,6 +83,7 @@ class ScanConfig:
     prefetch_state: bool = False
     prefetch_out: bool = False
     maxnreg: int | None = None
+    out_maxnreg: int | None = None
     bwd_maxnreg: int | None = None
     seg_factor: int = 1
 
@@ -96,7 +100,7 @@ def default_config(n_state: int, interpret: bool) -> ScanConfig:
     if block_n <= 16:
         # measured on an H100 (benchmarks/tune_selective_scan.py): a register cap of 168 on the
         # forward kernels (12 warps per multiprocessor instead of 8) beat no cap and 128
-        return ScanConfig(maxnreg=168)
+        return ScanConfig(maxnreg=168, out_maxnreg=168)
     # correct for any N, but beyond 16 states a thread's registers overflow: selective_scan runs
     # chunk_many_states.py there
     return ScanConfig(block_t=2, bwd_block_t=2, carry_block_d=4)
@@ -786,7 +790,8 @@ def _scan_bwd_kernel(
 class _Plan:
     """Launch geometry shared by the forward and the backward of one call. Chunks are
     chunk_len positions, aligned in memory; the forward steps them in n_sub sub-tiles of
-    block_t positions, the backward in bwd_n_sub sub-tiles of bwd_block_t."""
+    block_t positions (out_n_sub of out_block_t in its output pass), the backward in bwd_n_sub
+    sub-tiles of bwd_block_t."""
 
     batch: int
     dim: int
@@ -799,6 +804,8 @@ class _Plan:
     block_d: int
     block_t: int
     n_sub: int
+    out_block_t: int
+    out_n_sub: int
     bwd_block_d: int
     bwd_block_t: int
     bwd_n_sub: int
@@ -808,8 +815,8 @@ class _Plan:
 
 @functools.lru_cache(maxsize=256)
 def _plan(batch, dim, length, n_state, groups, config: ScanConfig, device) -> _Plan:
-    for name in ("block_t", "bwd_block_t"):
-        if getattr(config, name) not in (2, 4):
+    for name in ("block_t", "bwd_block_t", "out_block_t"):
+        if getattr(config, name) not in (2, 4) and not (name == "out_block_t" and config.out_block_t is None):
             raise ValueError(f"ScanConfig.{name} must be 2 or 4, got {getattr(config, name)}")
     if config.seg_factor < 1:
         raise ValueError(f"ScanConfig.seg_factor must be at least 1, got {config.seg_factor}")
@@ -828,14 +835,16 @@ def _plan(batch, dim, length, n_state, groups, config: ScanConfig, device) -> _P
     bwd_n_sub = chunk_len // config.bwd_block_t
     # the forward saves the state entering every segment of seg_len backward sub-tiles, and the
     # backward keeps the start state of every sub-tile of one segment: about seg_factor *
-    # sqrt(n_sub) states per program, n_sub / that many per chunk. A segment is whole forward
-    # sub-tiles (seg_len * bwd_block_t a multiple of block_t).
+    # sqrt(n_sub) states per program, n_sub / that many per chunk. A segment is whole sub-tiles
+    # of the output pass (seg_len * bwd_block_t a multiple of out_block_t).
+    out_block_t = config.block_t if config.out_block_t is None else config.out_block_t
     seg_len = config.seg_factor * (math.isqrt(bwd_n_sub - 1) + 1)
-    while (seg_len * config.bwd_block_t) % config.block_t:
+    while (seg_len * config.bwd_block_t) % out_block_t:
         seg_len += 1
     n_seg = triton.cdiv(bwd_n_sub, seg_len)
     return _Plan(batch, dim, length, n_state, groups, block_n, chunk_len, n_chunks, block_d, config.block_t,
-                 chunk_len // config.block_t, bwd_block_d, config.bwd_block_t, bwd_n_sub, seg_len, n_seg)
+                 chunk_len // config.block_t, out_block_t, chunk_len // out_block_t, bwd_block_d,
+                 config.bwd_block_t, bwd_n_sub, seg_len, n_seg)
 
 
 @functools.lru_cache(maxsize=16)
@@ -877,22 +886,25 @@ def scan_fwd(u, delta, A, B4, C4, D, z, delta_bias, initial_state, delta_softplu
         return out, hend, dsum, seg, plan
     grid = (plan.n_chunks, dim // plan.block_d, batch)
     common = dict(HAS_DBIAS=delta_bias is not None, SOFTPLUS=delta_softplus, REVERSE=reverse,
-                  MASK_N=n_state < plan.block_n, BD=plan.block_d, BN=plan.block_n, BT=plan.block_t,
-                  **_launch_options(config.num_warps, config.maxnreg), **_column_order(plan.block_t, reverse))
-    args = (u, delta, A, B4, C4, D if D is not None else A, z if z is not None else u,
+                  MASK_N=n_state < plan.block_n, BD=plan.block_d, BN=plan.block_n)
+    head = (u, delta, A, B4, C4, D if D is not None else A, z if z is not None else u,
             delta_bias if delta_bias is not None else A, initial_state if initial_state is not None else A,
             hend, dsum, out, seg if seg is not None else hend,
-            length, dim, n_state, dim // plan.groups, plan.n_sub, plan.n_chunks,
-            plan.seg_len * plan.bwd_block_t, plan.n_seg,
+            length, dim, n_state, dim // plan.groups)
+    tail = (plan.n_chunks, plan.seg_len * plan.bwd_block_t, plan.n_seg,
             u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B4.stride(0), B4.stride(1), B4.stride(2),
             z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
             out.stride(0), out.stride(1))
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=initial_state is not None)
-    launcher(_scan_fwd_kernel)[grid](*args, STATE_ONLY=True, SAVE_SEG=False, PREFETCH=config.prefetch_state,
-                                     **{k: False for k in flags}, **common)
+    launcher(_scan_fwd_kernel)[grid](*head, plan.n_sub, *tail, STATE_ONLY=True, SAVE_SEG=False,
+                                     PREFETCH=config.prefetch_state, **{k: False for k in flags}, **common,
+                                     BT=plan.block_t, **_column_order(plan.block_t, reverse),
+                                     **_launch_options(config.num_warps, config.maxnreg))
     _launch_carry(dsum, hend, A, initial_state, plan, config, reverse_chunks=False)
-    launcher(_scan_fwd_kernel)[grid](*args, STATE_ONLY=False, SAVE_SEG=save_segments, PREFETCH=config.prefetch_out,
-                                     **flags, **common)
+    launcher(_scan_fwd_kernel)[grid](*head, plan.out_n_sub, *tail, STATE_ONLY=False, SAVE_SEG=save_segments,
+                                     PREFETCH=config.prefetch_out, **flags, **common,
+                                     BT=plan.out_block_t, **_column_order(plan.out_block_t, reverse),
+                                     **_launch_options(config.num_warps, config.out_maxnreg))
     return out, hend, dsum, seg, plan
 
 

@@ -243,6 +243,34 @@ def test_triton_segment_states_match_loop(poison_empty, block_t, bwd_block_t, ma
 
 
 @needs_interpreter
+@pytest.mark.parametrize("block_t,out_block_t,bwd_block_t,reverse", [
+    (4, 2, 4, False),  # the output pass in sub-tiles of 2, the state pass and the backward in 4
+    (2, 4, 2, True),  # the output pass in 4: segments of whole sub-tiles of 4
+])
+def test_triton_output_pass_sub_tiles_match_loop(poison_empty, block_t, out_block_t, bwd_block_t, reverse):
+    """The forward's output pass in sub-tiles of its own length (out_block_t), saving the
+    segment states the backward reads: a length that is not a multiple of either sub-tile,
+    several chunks, with gradients; and the same call without autograd."""
+    config = small_config(block_t=block_t, out_block_t=out_block_t, bwd_block_t=bwd_block_t, max_sub=5)
+    plan = triton_module(True)._plan(1, 4, 53, 3, 1, config, torch.device("cpu"))
+    assert plan.n_chunks > 1 and plan.out_n_sub * out_block_t == plan.chunk_len
+    assert (plan.seg_len * bwd_block_t) % out_block_t == 0
+    inputs = make_inputs(1, 4, 53, 3, z=True, D=True, bias=True, h0=True, seed=13)
+    got, expected = triton_and_loop(config, inputs, reverse=reverse)
+    assert_close_named(got, expected, TOL_FP32, "triton, output pass sub-tiles")
+    with torch.no_grad():
+        y, last = triton_fn(config)(**inputs, delta_softplus=True, reverse=reverse)
+    assert_close_named({"y": y, "last_state": last}, {"y": expected["y"], "last_state": expected["last_state"]},
+                       TOL_FP32, "triton, output pass sub-tiles, no autograd")
+
+
+@needs_interpreter
+def test_scan_config_refuses_other_sub_tiles():
+    with pytest.raises(ValueError, match="out_block_t must be 2 or 4"):
+        triton_module(True)._plan(1, 4, 61, 3, 1, small_config(out_block_t=3), torch.device("cpu"))
+
+
+@needs_interpreter
 def test_scan_config_refuses_empty_segments():
     with pytest.raises(ValueError, match="seg_factor must be at least 1"):
         triton_module(True)._plan(1, 4, 61, 3, 1, small_config(seg_factor=0), torch.device("cpu"))
