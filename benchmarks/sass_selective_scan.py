@@ -26,6 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -96,12 +97,20 @@ def kernel_variants(module, config, gate: bool, inference: bool):
            options(config.bwd_maxnreg, config.bwd_num_warps))
 
 
-def parse_value(text: str):
-    if text == "None":
-        return None
-    if text in ("True", "False"):
-        return text == "True"
-    return int(text)
+def parse_changes(items: list[str], fields: set[str]) -> dict:
+    """FIELD=VALUE strings -> {field: int, bool or None}; ValueError naming the bad item."""
+    changes = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}")
+        if text in ("None", "True", "False"):
+            changes[name] = {"None": None, "True": True, "False": False}[text]
+        elif re.fullmatch(r"-?\d+", text):
+            changes[name] = int(text)
+        else:
+            raise ValueError(f"--set {item!r}: the value must be an integer, True, False or None")
+    return changes
 
 
 def main(argv=None):
@@ -113,8 +122,16 @@ def main(argv=None):
     parser.add_argument("--inference", action="store_true", help="the forward of a call without gradients")
     args = parser.parse_args(argv)
     module = triton_module(False)
-    changes = dict(item.split("=", 1) for item in args.set)
-    config = dataclasses.replace(module.default_config(16, False), **{k: parse_value(v) for k, v in changes.items()})
+    base = module.default_config(16, False)
+    try:
+        changes = parse_changes(args.set, {field.name for field in dataclasses.fields(base)})
+    except ValueError as err:
+        parser.error(str(err))
+    config = dataclasses.replace(base, **changes)
+    try:  # the checks a call makes on its config (sub-tile lengths, segments)
+        module._plan(1, 512, 65536, 16, 1, config, torch.device("cpu"))
+    except ValueError as err:
+        parser.error(f"--set {' '.join(args.set)}: {err}")
     print(f"sm_{args.arch}, Triton {triton.__version__}, {config}")
     print(f"{'kernel':<22} {'regs':>5} {'stack B':>8} {'instrs':>7}  most frequent opcodes")
     for name, kernel, constexprs, options in kernel_variants(module, config, args.gate, args.inference):

@@ -815,9 +815,10 @@ class _Plan:
 
 @functools.lru_cache(maxsize=256)
 def _plan(batch, dim, length, n_state, groups, config: ScanConfig, device) -> _Plan:
-    for name in ("block_t", "bwd_block_t", "out_block_t"):
-        if getattr(config, name) not in (2, 4) and not (name == "out_block_t" and config.out_block_t is None):
-            raise ValueError(f"ScanConfig.{name} must be 2 or 4, got {getattr(config, name)}")
+    out_block_t = config.block_t if config.out_block_t is None else config.out_block_t
+    for name, value in (("block_t", config.block_t), ("bwd_block_t", config.bwd_block_t), ("out_block_t", out_block_t)):
+        if value not in (2, 4):
+            raise ValueError(f"ScanConfig.{name} must be 2 or 4, got {value}")
     if config.seg_factor < 1:
         raise ValueError(f"ScanConfig.seg_factor must be at least 1, got {config.seg_factor}")
     dim_per_group = dim // groups
@@ -837,7 +838,6 @@ def _plan(batch, dim, length, n_state, groups, config: ScanConfig, device) -> _P
     # backward keeps the start state of every sub-tile of one segment: about seg_factor *
     # sqrt(n_sub) states per program, n_sub / that many per chunk. A segment is whole sub-tiles
     # of the output pass (seg_len * bwd_block_t a multiple of out_block_t).
-    out_block_t = config.block_t if config.out_block_t is None else config.out_block_t
     seg_len = config.seg_factor * (math.isqrt(bwd_n_sub - 1) + 1)
     while (seg_len * config.bwd_block_t) % out_block_t:
         seg_len += 1
