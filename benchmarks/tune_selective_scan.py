@@ -49,9 +49,9 @@ def candidates(module, n_state):
         "seg2": change(base, seg_factor=2),
         "seg4": change(base, seg_factor=4),
         "out-t2": change(base, out_block_t=2),
-        "out-t2-no-cap": change(base, out_block_t=2, out_maxnreg=None),
+        "out-t2-nreg168": change(base, out_block_t=2, out_maxnreg=168),
         "out-t2-nreg184": change(base, out_block_t=2, out_maxnreg=184),
-        "out-no-cap": change(base, out_maxnreg=None),
+        "out-nreg168": change(base, out_maxnreg=168),
     }
 
 

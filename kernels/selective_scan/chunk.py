@@ -99,8 +99,9 @@ def default_config(n_state: int, interpret: bool) -> ScanConfig:
     block_n = triton.next_power_of_2(n_state)
     if block_n <= 16:
         # measured on an H100 (benchmarks/tune_selective_scan.py): a register cap of 168 on the
-        # forward kernels (12 warps per multiprocessor instead of 8) beat no cap and 128
-        return ScanConfig(maxnreg=168, out_maxnreg=168)
+        # chunk-state pass and the adjoint kernel (12 warps per multiprocessor instead of 8) beat
+        # no cap and 128; the output pass runs faster uncapped (no spills) than at 168 (spills)
+        return ScanConfig(maxnreg=168)
     # correct for any N, but beyond 16 states a thread's registers overflow: selective_scan runs
     # chunk_many_states.py there
     return ScanConfig(block_t=2, bwd_block_t=2, carry_block_d=4)

@@ -117,9 +117,11 @@ CONFIG_CHANGES = {
     "bwd-d16": dict(bwd_block_d=16),
     "bwd-butterfly": dict(fast_reduce=False),
     "w2": dict(block_d=64, num_warps=2, block_t=2, bwd_block_d=64, bwd_num_warps=2),
-    # the forward's output pass in sub-tiles of 2 positions, with and without its register cap
+    # the forward's output pass under a register cap (it spills), and in sub-tiles of 2 positions
+    # with and without one
+    "out-nreg168": dict(out_maxnreg=168),
     "out-t2": dict(out_block_t=2),
-    "out-t2-no-cap": dict(out_block_t=2, out_maxnreg=None),
+    "out-t2-nreg168": dict(out_block_t=2, out_maxnreg=168),
 }
 
 
